@@ -1,0 +1,44 @@
+"""Gradient clipping for PyTorch and MosaicML Composer.
+
+The functional core (this namespace) needs only torch. ``GradientClipping`` (a Composer ``Algorithm``)
+and ``build_algorithms`` import Composer and omegaconf when first accessed.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+from gradclip_algo.functional import CLIPPING_TYPES, ClippingSpec, apply_gradient_clipping, clipping_spec
+from gradclip_algo.nonfinite import NONFINITE_MODES, NonFiniteGradError
+from gradclip_algo.norms import global_norm, unit_norms
+from gradclip_algo.rules.adaptive import adaptive_clip_grad
+from gradclip_algo.rules.norm import clip_grad_norm
+from gradclip_algo.rules.value import clip_grad_value
+from gradclip_algo.stats import ClipStats
+
+_LAZY = {"GradientClipping": "gradclip_algo.algorithm", "build_algorithms": "gradclip_algo.config"}
+
+__version__ = "0.1.0"
+__all__ = [
+    "CLIPPING_TYPES",
+    "NONFINITE_MODES",
+    "ClipStats",
+    "ClippingSpec",
+    "GradientClipping",
+    "NonFiniteGradError",
+    "adaptive_clip_grad",
+    "apply_gradient_clipping",
+    "build_algorithms",
+    "clip_grad_norm",
+    "clip_grad_value",
+    "clipping_spec",
+    "global_norm",
+    "unit_norms",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'gradclip_algo' has no attribute {name!r}")

@@ -1,0 +1,82 @@
+"""Turn what a user passes as ``parameters`` into the list of parameters whose grads get clipped."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+Predicate = Callable[[str, Tensor], bool]
+Exclude = str | Predicate | Sequence[str | Predicate] | None
+Parameters = nn.Module | Tensor | Iterable[Tensor] | Iterable[tuple[str, Tensor]]
+
+
+def named_parameters(parameters: Parameters) -> list[tuple[str | None, Tensor]]:
+    """``(name, tensor)`` pairs from a Module, one tensor, tensors, or ``(name, tensor)`` pairs.
+
+    Names are ``None`` where the caller gave bare tensors. Shared tensors appear once.
+    """
+    if isinstance(parameters, nn.Module):
+        return list(parameters.named_parameters())
+    if isinstance(parameters, Tensor):
+        return [(None, parameters)]
+    pairs: list[tuple[str | None, Tensor]] = []
+    seen: set[int] = set()
+    for item in parameters:
+        name, tensor = item if isinstance(item, tuple) else (None, item)
+        if not isinstance(tensor, Tensor):
+            raise TypeError(
+                f"parameters: expected tensors or (name, tensor) pairs, got {type(tensor).__name__}"
+            )
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            pairs.append((name, tensor))
+    return pairs
+
+
+def exclusion_filter(exclude: Exclude) -> Predicate | None:
+    """One predicate from glob patterns on names and/or predicates on ``(name, param)``."""
+    if exclude is None:
+        return None
+    rules = [exclude] if isinstance(exclude, str) or callable(exclude) else list(exclude)
+    for rule in rules:
+        if not (isinstance(rule, str) or callable(rule)):
+            raise TypeError(
+                f"exclude: expected glob patterns or callables (name, param) -> bool, got {rule!r}"
+            )
+
+    def excluded(name: str, param: Tensor) -> bool:
+        return any(
+            fnmatch.fnmatchcase(name, rule) if isinstance(rule, str) else bool(rule(name, param))
+            for rule in rules
+        )
+
+    return excluded
+
+
+def params_with_grads(parameters: Parameters, exclude: Exclude = None) -> list[tuple[str | None, Tensor]]:
+    """``(name, param)`` for the parameters whose ``.grad`` is set, less the excluded ones.
+
+    Sparse grads are refused with a ``TypeError``.
+    """
+    pairs = named_parameters(parameters)
+    excluded = exclusion_filter(exclude)
+    if excluded is not None and any(name is None for name, _ in pairs):
+        raise ValueError(
+            "exclude: matching parameters by name needs names; pass the nn.Module itself or "
+            "model.named_parameters() instead of bare tensors"
+        )
+    selected = []
+    for name, param in pairs:
+        grad = param.grad
+        if grad is None or (excluded is not None and excluded(name or "", param)):
+            continue
+        if grad.is_sparse or grad.layout != torch.strided:
+            raise TypeError(
+                f"parameters: gradient of {name or 'a parameter'} has layout {grad.layout}; "
+                "only dense (strided) gradients can be clipped"
+            )
+        selected.append((name, param))
+    return selected

@@ -1,0 +1,42 @@
+"""Checks of user-given settings; every error names the field, the bad value and what is allowed."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection
+from typing import Any
+
+
+def check_positive_number(field: str, value: Any, *, allow_inf: bool = False) -> float:
+    """``value`` as a float if it is a real number > 0 (finite unless ``allow_inf``), else ``ValueError``."""
+    allowed = "a number > 0" + ("" if allow_inf else " and finite")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{field}: expected {allowed}, got {value!r} ({type(value).__name__})")
+    number = float(value)
+    if not number > 0 or (math.isinf(number) and not allow_inf):
+        raise ValueError(f"{field}: expected {allowed}, got {value!r}")
+    return number
+
+
+def check_choice(field: str, value: Any, allowed: Collection[str]) -> str:
+    """``value`` if it is one of ``allowed``, else ``ValueError`` listing them."""
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{field}: expected one of {', '.join(map(repr, allowed))}, got {value!r}")
+    return value
+
+
+def check_bool(field: str, value: Any) -> bool:
+    """``value`` if it is a bool, else ``ValueError``."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{field}: expected true or false, got {value!r}")
+    return value
+
+
+def check_known_options(clipping_type: str, given: Collection[str], known: Collection[str]) -> None:
+    """``TypeError`` naming any option that ``clipping_type`` does not take."""
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise TypeError(
+            f"clipping_type={clipping_type!r} got unknown option(s) {', '.join(unknown)}; "
+            f"allowed: {', '.join(sorted(known)) or 'none'}"
+        )

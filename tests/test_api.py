@@ -1,0 +1,91 @@
+"""Call forms, ClipStats, and the promise that the core imports without Composer."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import MixedModel, backward_mixed, grads, twin
+from torch import nn
+
+from gradclip_algo import ClipStats, apply_gradient_clipping
+
+
+def test_documented_call_forms_all_agree(mixed_model: MixedModel) -> None:
+    backward_mixed(mixed_model)
+    copies = [twin(mixed_model) for _ in range(4)]
+    apply_gradient_clipping(copies[0], "norm", 2.0)
+    apply_gradient_clipping(copies[1].parameters(), clipping_type="norm", clipping_threshold=2.0)
+    apply_gradient_clipping(list(copies[2].parameters()), "norm", 2.0)
+    apply_gradient_clipping(copies[3].named_parameters(), "norm", 2.0)
+    for other in copies[1:]:
+        for got, want in zip(grads(other), grads(copies[0]), strict=True):
+            assert torch.equal(got, want)
+
+
+def test_single_tensor_and_generator() -> None:
+    param = nn.Parameter(torch.zeros(4))
+    param.grad = torch.full((4,), 2.0)  # norm 4
+    stats = apply_gradient_clipping(param, "norm", 1.0)
+    torch.testing.assert_close(param.grad, torch.full((4,), 0.5), rtol=1e-5, atol=0)
+    assert stats.grad_norm.item() == pytest.approx(4.0)
+    param.grad = torch.full((4,), 2.0)
+    apply_gradient_clipping((p for p in [param]), "value", 1.0)
+    assert torch.equal(param.grad, torch.ones(4))
+
+
+def test_none_grads_are_skipped_and_no_grads_is_not_an_error() -> None:
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    stats = apply_gradient_clipping(model, "norm", 1.0)
+    assert stats.grad_norm.item() == 0.0 and stats.clipped_fraction.item() == 0.0
+    model[1].weight.grad = torch.full((3, 3), 10.0)
+    stats = apply_gradient_clipping(model, "norm", 1.0)
+    assert model[0].weight.grad is None
+    assert stats.grad_norm.item() == pytest.approx(30.0)
+
+
+def test_shared_parameters_count_once() -> None:
+    shared = nn.Parameter(torch.zeros(2))
+    shared.grad = torch.tensor([3.0, 4.0])
+    stats = apply_gradient_clipping([shared, shared], "norm", 1.0)
+    assert stats.grad_norm.item() == pytest.approx(5.0)
+    torch.testing.assert_close(shared.grad, torch.tensor([0.6, 0.8]), rtol=1e-5, atol=0)
+
+
+def test_mixed_dtypes_in_one_call() -> None:
+    params = [
+        nn.Parameter(torch.zeros(3, dtype=dtype)) for dtype in (torch.float32, torch.bfloat16, torch.float64)
+    ]
+    for param in params:
+        param.grad = torch.full((3,), 4.0, dtype=param.dtype)
+    stats = apply_gradient_clipping(params, "norm", 1.0)
+    assert stats.grad_norm.item() == pytest.approx(12.0, rel=1e-6)
+    for param in params:
+        assert param.grad.dtype == param.dtype
+        torch.testing.assert_close(
+            param.grad.double(), torch.full((3,), 4.0 / 12.0, dtype=torch.float64), rtol=4e-3, atol=0
+        )
+
+
+@pytest.mark.parametrize("clipping_type", ["norm", "value", "adaptive"])
+def test_stats_are_fp32_scalars_on_the_grads_device(mixed_model: MixedModel, clipping_type: str) -> None:
+    backward_mixed(mixed_model)
+    stats = apply_gradient_clipping(mixed_model, clipping_type, 0.1)
+    assert isinstance(stats, ClipStats)
+    for value in (stats.grad_norm, stats.clipped_grad_norm, stats.clipped_fraction):
+        assert value.shape == () and value.dtype == torch.float32 and value.device.type == "cpu"
+    assert 0.0 <= stats.clipped_fraction.item() <= 1.0
+    assert stats.clipped_grad_norm.item() <= stats.grad_norm.item() * (1 + 1e-6)
+    assert set(stats.as_dict()) == {"grad_norm", "clipped_grad_norm", "clipped_fraction", "skipped"}
+
+
+def test_core_import_does_not_load_composer_or_omegaconf() -> None:
+    code = (
+        "import sys, gradclip_algo, torch\n"
+        "p = torch.nn.Parameter(torch.ones(2)); p.grad = torch.ones(2)\n"
+        "gradclip_algo.apply_gradient_clipping(p, 'norm', 1.0)\n"
+        "assert 'composer' not in sys.modules and 'omegaconf' not in sys.modules, sorted(sys.modules)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
