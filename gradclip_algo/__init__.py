@@ -9,9 +9,11 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-from gradclip_algo.functional import CLIPPING_TYPES, ClippingSpec, apply_gradient_clipping, clipping_spec
+from gradclip_algo.clipper import GradientClipper
+from gradclip_algo.functional import apply_gradient_clipping
 from gradclip_algo.nonfinite import NONFINITE_MODES, NonFiniteGradError
 from gradclip_algo.norms import global_norm, unit_norms
+from gradclip_algo.rules import CLIPPING_TYPES
 from gradclip_algo.rules.adaptive import adaptive_clip_grad
 from gradclip_algo.rules.norm import clip_grad_norm
 from gradclip_algo.rules.value import clip_grad_value
@@ -24,7 +26,7 @@ __all__ = [
     "CLIPPING_TYPES",
     "NONFINITE_MODES",
     "ClipStats",
-    "ClippingSpec",
+    "GradientClipper",
     "GradientClipping",
     "NonFiniteGradError",
     "adaptive_clip_grad",
@@ -32,7 +34,6 @@ __all__ = [
     "build_algorithms",
     "clip_grad_norm",
     "clip_grad_value",
-    "clipping_spec",
     "global_norm",
     "unit_norms",
 ]
