@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 
+from gradclip_algo.distributed import local_shards
 from gradclip_algo.nonfinite import NONFINITE_MODES, NonFiniteGradError, first_nonfinite, zero_nonfinite_
 from gradclip_algo.norms import global_norm
 from gradclip_algo.parameters import Parameters, exclusion_filter, params_with_grads
@@ -62,12 +64,14 @@ class GradientClipper:
                 for _, param in named:
                     param.grad = None
                 return ClipStats.skipped_step(norm)
-        params = [param for _, param in named]
+        shards = local_shards(
+            [param for _, param in named], parameters if isinstance(parameters, nn.Module) else None
+        )
         if not self.rule.stateful:
-            return self.rule.clip(params, self.clipping_threshold, **self.rule_options)
+            return self.rule.clip(shards, self.clipping_threshold, **self.rule_options)
         if self.state is None:
-            self.state = self.rule.init_state(grads[0].device, **self.rule_options)
-        return self.rule.clip(params, self.clipping_threshold, self.state, **self.rule_options)
+            self.state = self.rule.init_state(shards.device, **self.rule_options)
+        return self.rule.clip(shards, self.clipping_threshold, self.state, **self.rule_options)
 
     def state_dict(self) -> dict[str, Any]:
         """The rule's statistics (tensors and plain values); empty for stateless rules."""

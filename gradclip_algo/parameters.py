@@ -13,13 +13,26 @@ Exclude = str | Predicate | Sequence[str | Predicate] | None
 Parameters = nn.Module | Tensor | Iterable[Tensor] | Iterable[tuple[str, Tensor]]
 
 
+_WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def unwrapped_name(name: str) -> str:
+    """A parameter name without the segments that FSDP1, checkpoint and compile wrappers insert."""
+    for segment in _WRAPPER_SEGMENTS:
+        name = name.replace(segment, "")
+    return name
+
+
 def named_parameters(parameters: Parameters) -> list[tuple[str | None, Tensor]]:
     """``(name, tensor)`` pairs from a Module, one tensor, tensors, or ``(name, tensor)`` pairs.
 
-    Names are ``None`` where the caller gave bare tensors. Shared tensors appear once.
+    Names are ``None`` where the caller gave bare tensors. Shared tensors appear once. Names seen through
+    DDP, FSDP, activation-checkpointing and ``torch.compile`` wrappers are those of the wrapped model.
     """
     if isinstance(parameters, nn.Module):
-        return list(parameters.named_parameters())
+        if isinstance(parameters, nn.parallel.DistributedDataParallel):
+            parameters = parameters.module
+        return [(unwrapped_name(name), param) for name, param in parameters.named_parameters()]
     if isinstance(parameters, Tensor):
         return [(None, parameters)]
     pairs: list[tuple[str | None, Tensor]] = []

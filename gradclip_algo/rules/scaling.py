@@ -11,7 +11,7 @@ from gradclip_algo.norms import group_by_device_and_dtype
 def scale_(grads: list[Tensor], coef: Tensor) -> None:
     """``g ← g · coef`` for every grad, one foreach kernel per device and dtype; ``coef`` is a 0-d tensor."""
     coef_by_device: dict[torch.device, Tensor] = {}
-    for (device, _), group in group_by_device_and_dtype(grads).items():
+    for (device, _), indices in group_by_device_and_dtype(grads).items():
         if device not in coef_by_device:
             coef_by_device[device] = coef.to(device, non_blocking=True)
-        torch._foreach_mul_(group, coef_by_device[device])
+        torch._foreach_mul_([grads[i] for i in indices], coef_by_device[device])

@@ -1,0 +1,152 @@
+"""The local pieces of (possibly sharded) parameters, and the reductions that make their norms global.
+
+- One process, or DDP: every rank holds whole, identical grads; nothing is reduced.
+- FSDP2 (``fully_shard``): parameters and grads are DTensors sharded on dim 0 of a 1-D mesh; rules work on
+  ``to_local()`` views and sums are all-reduced over the mesh's group.
+- FSDP1 (``FullyShardedDataParallel``): each rank holds a flat 1-D slice of every parameter; sums are
+  all-reduced over the wrapper's process group. AGC needs whole units and is refused there.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from gradclip_algo.norms import power_sums, root
+
+
+def _dtensor_type() -> type | None:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed support
+        return None
+    return DTensor
+
+
+def _fsdp1_modules(module: nn.Module | None) -> list[nn.Module]:
+    if module is None or not dist.is_available():
+        return []
+    from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
+
+    return [
+        m
+        for m in module.modules()
+        if isinstance(m, FullyShardedDataParallel) and m.sharding_strategy != ShardingStrategy.NO_SHARD
+    ]
+
+
+@dataclass(frozen=True)
+class Shards:
+    """Local weights and grads (views: in-place changes reach the real grads) and how they are split.
+
+    ``split[i]`` says tensor ``i`` is spread over the ranks of ``group``: its sums need an all-reduce.
+    ``units_whole[i]`` says every AGC unit of tensor ``i`` (row, filter, or the whole 0-D/1-D tensor) lies
+    on this rank.
+    """
+
+    params: list[Tensor]
+    grads: list[Tensor]
+    split: list[bool]
+    units_whole: list[bool]
+    group: dist.ProcessGroup | None = None
+    layout: str = "local"  # "local" (one process or DDP), "fsdp1" or "fsdp2"
+
+    @property
+    def device(self) -> torch.device:
+        return self.grads[0].device
+
+    @functools.cached_property
+    def _split_mask(self) -> Tensor:
+        return torch.tensor(self.split, dtype=torch.bool).to(self.device, non_blocking=True)
+
+    def sum_over_ranks_(self, tensor: Tensor) -> Tensor:
+        """All-reduce (sum) ``tensor`` in place over the ranks the grads are split across."""
+        if self.group is not None:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
+        return tensor
+
+    def total(self, values: Tensor, maximum: bool = False, partial: Sequence[bool] | None = None) -> Tensor:
+        """Sum (or max) over the whole model of per-tensor values aligned with ``grads``, same on every rank.
+
+        Values flagged in ``partial`` (default: ``split``) are this rank's share and get all-reduced;
+        the others are whole and counted once.
+        """
+        if maximum:
+            result = values.max() if values.numel() else values.new_zeros(())
+            if self.group is not None:
+                dist.all_reduce(result, op=dist.ReduceOp.MAX, group=self.group)
+            return result
+        if self.group is None:
+            return values.sum()
+        mask = (
+            self._split_mask if partial is None else torch.tensor(partial).to(self.device, non_blocking=True)
+        )
+        return self.sum_over_ranks_(torch.where(mask, values, 0).sum()) + torch.where(mask, 0, values).sum()
+
+    def global_norm(self, tensors: list[Tensor], norm_type: float = 2.0) -> Tensor:
+        """The p-norm of the whole (unsharded) tensors, for local pieces aligned with ``grads`` (fp32, 0-d)."""
+        sums = power_sums(tensors, norm_type, self.device)
+        return root(self.total(sums, maximum=math.isinf(norm_type)), norm_type)
+
+
+def local_shards(params: Sequence[Tensor], module: nn.Module | None = None) -> Shards:
+    """The :class:`Shards` of ``params`` (all with grads); ``module`` is needed to recognise FSDP1."""
+    fsdp1 = _fsdp1_modules(module)
+    if fsdp1:
+        groups = {id(m.process_group): m.process_group for m in fsdp1}
+        if len(groups) != 1:
+            raise ValueError(
+                "parameters: FSDP1 modules with different process groups (hybrid sharding) are not "
+                "supported; use FULL_SHARD or SHARD_GRAD_OP with one process group, or FSDP2"
+            )
+        return Shards(
+            params=[p.detach() for p in params],
+            grads=[p.grad for p in params],
+            split=[True] * len(params),
+            units_whole=[False] * len(params),
+            group=next(iter(groups.values())),
+            layout="fsdp1",
+        )
+    dtensor = _dtensor_type()
+    if dtensor is None or not any(isinstance(p, dtensor) for p in params):
+        n = len(params)
+        return Shards([p.detach() for p in params], [p.grad for p in params], [False] * n, [True] * n)
+    return _dtensor_shards(params, dtensor)
+
+
+def _dtensor_shards(params: Sequence[Tensor], dtensor: type) -> Shards:
+    from torch.distributed.tensor import Replicate, Shard
+
+    weights, grads, split, units_whole, groups = [], [], [], [], {}
+    for param in params:
+        if not isinstance(param, dtensor):
+            weights.append(param.detach())
+            grads.append(param.grad)
+            split.append(False)
+            units_whole.append(True)
+            continue
+        mesh = param.device_mesh
+        if mesh.ndim != 1 or any(not isinstance(p, (Shard, Replicate)) for p in param.placements):
+            raise ValueError(
+                f"parameters: DTensor placements {param.placements} on a {mesh.ndim}-D mesh are not "
+                "supported; FSDP2 (fully_shard) on a 1-D mesh shards dim 0, which is"
+            )
+        placement = param.placements[0]
+        is_split = isinstance(placement, Shard) and mesh.size() > 1
+        if is_split:
+            groups[id(mesh)] = mesh.get_group()
+        weights.append(param.detach().to_local())
+        grads.append(param.grad.to_local())
+        split.append(is_split)
+        # Shard(0) keeps each row/filter on one rank; a 0-D/1-D tensor is one unit spread over all of them
+        units_whole.append(not is_split or (placement.dim == 0 and param.ndim >= 2))
+    if len(groups) > 1:
+        raise ValueError("parameters: DTensors on different device meshes cannot be clipped together")
+    group = next(iter(groups.values()), None)
+    return Shards(weights, grads, split, units_whole, group, "fsdp2" if group is not None else "local")
