@@ -35,7 +35,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/python examples/plain_pytorch.py
 
 bench: $(VENV)/.installed
-	$(VENV)/bin/python benchmarks/bench_clipping.py
+	$(VENV)/bin/python -m benchmarks.bench_clipping
 
 clean:
 	rm -rf $(VENV) $(CORE_VENV) runs .pytest_cache .ruff_cache

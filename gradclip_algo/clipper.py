@@ -5,17 +5,23 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from gradclip_algo.distributed import local_shards
-from gradclip_algo.nonfinite import NONFINITE_MODES, NonFiniteGradError, first_nonfinite, zero_nonfinite_
-from gradclip_algo.norms import global_norm
-from gradclip_algo.parameters import Parameters, exclusion_filter, params_with_grads
+from gradclip_algo.nonfinite import NONFINITE_MODES, nonfinite_error, nonfinite_on_any_rank, zero_nonfinite_
+from gradclip_algo.parameters import Parameters, exclusion_filter, named_parameters, params_with_grads
 from gradclip_algo.rules import CLIPPING_TYPES, RULES
+from gradclip_algo.spikes import (
+    SPIKE_WINDOW,
+    check_spike_limit,
+    check_spike_window,
+    init_spike_state,
+    is_spike_,
+)
 from gradclip_algo.stats import ClipStats
 from gradclip_algo.validation import check_bool, check_choice, check_known_options, check_positive_number
 
-COMMON_OPTIONS = ("exclude", "nonfinite", "error_if_nonfinite")
+COMMON_OPTIONS = ("exclude", "nonfinite", "error_if_nonfinite", "skip_spikes", "spike_window")
 
 
 class GradientClipper:
@@ -25,13 +31,20 @@ class GradientClipper:
     :func:`~gradclip_algo.apply_gradient_clipping`; every bad value raises here, naming the field, the value
     and what is allowed. Stateful rules keep their statistics (tensors on the grads' device) in the
     clipper; ``state_dict()`` / ``load_state_dict()`` carry them through checkpoints.
+
+    ``skip_spikes=k`` (any type; default ``None``: off) skips the step when the global grad norm exceeds
+    the mean of the last ``spike_window`` (default 128) norms by more than k standard deviations: every
+    grad becomes ``None`` and ``ClipStats.skipped`` is ``True`` (see :mod:`gradclip_algo.spikes`; one host
+    sync per step).
     """
 
     def __init__(self, clipping_type: str, clipping_threshold: float, **options: Any) -> None:
         check_choice("clipping_type", clipping_type, CLIPPING_TYPES)
         self.clipping_type = clipping_type
-        self.clipping_threshold = check_positive_number("clipping_threshold", clipping_threshold)
         self.rule = RULES[clipping_type]
+        self.clipping_threshold = check_positive_number(
+            "clipping_threshold", clipping_threshold, allow_inf=self.rule.threshold_may_be_inf
+        )
         check_known_options(clipping_type, options, (*self.rule.options, *COMMON_OPTIONS))
         self.rule_options = {
             name: validate(name, options.get(name, default))
@@ -45,40 +58,82 @@ class GradientClipper:
         self.nonfinite = nonfinite
         self.exclude = options.get("exclude")
         exclusion_filter(self.exclude)  # validates the patterns
+        self.skip_spikes = check_spike_limit("skip_spikes", options.get("skip_spikes"))
+        self.spike_window = check_spike_window("spike_window", options.get("spike_window", SPIKE_WINDOW))
         self.state: dict[str, Any] | None = None
+        self.spike_state: dict[str, Any] | None = None
 
-    def __call__(self, parameters: Parameters) -> ClipStats:
-        """Clip the grads of ``parameters`` in place and return what was done."""
-        named = params_with_grads(parameters, self.exclude)
+    def __call__(self, parameters: Parameters, with_stats: bool = True) -> ClipStats | None:
+        """Clip the grads of ``parameters`` in place and return what was done.
+
+        ``with_stats=False`` returns ``None`` and skips the statistics where they cost extra passes over
+        the grads ('value': its norms and clipped count); the clipping itself is the same.
+        """
+        everything = named_parameters(parameters)
+        named = params_with_grads(everything, self.exclude)
         if not named:
             return ClipStats.empty()
-        grads = [param.grad for _, param in named]
-        if self.nonfinite == "zero":
-            zero_nonfinite_(grads)
-        elif self.nonfinite in ("error", "skip"):
-            norm = global_norm(grads, 2.0, grads[0].device)
-            if not bool(torch.isfinite(norm)):  # the sync these modes ask for
-                if self.nonfinite == "error":
-                    name = first_nonfinite(named)
-                    raise NonFiniteGradError(f"non-finite gradient (inf or NaN) in {name}", name)
-                for _, param in named:
-                    param.grad = None
-                return ClipStats.skipped_step(norm)
         shards = local_shards(
             [param for _, param in named], parameters if isinstance(parameters, nn.Module) else None
         )
+        if self.nonfinite == "zero":
+            zero_nonfinite_(shards.grads)
+        elif self.nonfinite in ("error", "skip") and nonfinite_on_any_rank(shards.grads, shards.device):
+            if self.nonfinite == "error":
+                raise nonfinite_error(named, shards.grads)
+            norm = shards.global_norm(shards.grads, self.rule_options.get("norm_type", 2.0))
+            for _, param in everything:  # excluded ones too: the whole optimizer step is skipped
+                param.grad = None
+            return ClipStats.skipped_step(norm)
+        if self.skip_spikes is not None:
+            if self.spike_state is None:
+                self.spike_state = init_spike_state(shards.device, self.spike_window)
+            _move_to_(self.spike_state, shards.device)
+            norm = shards.global_norm(shards.grads, 2.0)
+            if bool(is_spike_(norm, self.spike_state, self.skip_spikes)):  # the sync skipping needs
+                for _, param in everything:  # excluded ones too: the whole optimizer step is skipped
+                    param.grad = None
+                return ClipStats.skipped_step(norm)
+        if not with_stats and self.rule.clip_without_stats is not None:
+            self.rule.clip_without_stats(shards, self.clipping_threshold, **self.rule_options)
+            return None
         if not self.rule.stateful:
-            return self.rule.clip(shards, self.clipping_threshold, **self.rule_options)
+            stats = self.rule.clip(shards, self.clipping_threshold, **self.rule_options)
+            return stats if with_stats else None
         if self.state is None:
             self.state = self.rule.init_state(shards.device, **self.rule_options)
-        return self.rule.clip(shards, self.clipping_threshold, self.state, **self.rule_options)
+        _move_to_(self.state, shards.device)
+        stats = self.rule.clip(shards, self.clipping_threshold, self.state, **self.rule_options)
+        return stats if with_stats else None
 
     def state_dict(self) -> dict[str, Any]:
-        """The rule's statistics (tensors and plain values); empty for stateless rules."""
-        return {} if self.state is None else dict(self.state)
+        """``rule``: the rule's statistics, ``spikes``: the spike window; each present once it exists.
+
+        Tensors only (as Composer's ``weights_only`` checkpoint loading needs); empty when stateless.
+        """
+        parts = {"rule": self.state, "spikes": self.spike_state}
+        return {
+            name: {key: value.clone() for key, value in part.items()}
+            for name, part in parts.items()
+            if part is not None
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.state = dict(state) if state else None
+        """Restore what :meth:`state_dict` returned; tensors move to the grads' device at the next call."""
+        unknown = sorted(set(state) - {"rule", "spikes"})
+        if unknown:
+            raise ValueError(f"state: unknown key(s) {', '.join(unknown)}; allowed: rule, spikes")
+        if "rule" in state and not self.rule.stateful:
+            raise ValueError(
+                f"state: holds the statistics of a stateful clipping type, but clipping_type="
+                f"{self.clipping_type!r} keeps none; was the checkpoint written with another clipping_type?"
+            )
+        if "spikes" in state and self.skip_spikes is None:
+            raise ValueError("state: holds a spike window, but skip_spikes is not set")
+        fresh_rule = self.rule.init_state("cpu", **self.rule_options) if self.rule.stateful else {}
+        self.state = _checked_state("rule", state.get("rule"), fresh_rule)
+        fresh_spikes = init_spike_state("cpu", self.spike_window)
+        self.spike_state = _checked_state("spikes", state.get("spikes"), fresh_spikes)
 
     def __repr__(self) -> str:
         options = {**self.rule_options}
@@ -86,8 +141,47 @@ class GradientClipper:
             options["exclude"] = self.exclude
         if self.nonfinite != "propagate":
             options["nonfinite"] = self.nonfinite
+        if self.skip_spikes is not None:
+            options.update(skip_spikes=self.skip_spikes, spike_window=self.spike_window)
         settings = "".join(f", {name}={value!r}" for name, value in options.items())
         return (
             f"{type(self).__name__}(clipping_type={self.clipping_type!r}, "
             f"clipping_threshold={self.clipping_threshold!r}{settings})"
         )
+
+
+def _checked_state(
+    name: str, given: dict[str, Any] | None, fresh: dict[str, Tensor]
+) -> dict[str, Tensor] | None:
+    """A copy of ``given`` if its tensors match ``fresh`` ones in key, dtype and shape (empty: any shape)."""
+    if given is None:
+        return None
+    if set(given) != set(fresh):
+        raise ValueError(
+            f"state.{name}: expected keys {', '.join(sorted(fresh))}, got {', '.join(sorted(given)) or 'none'}; "
+            "was the checkpoint written with other settings?"
+        )
+    for key, value in given.items():
+        want = fresh[key]
+        if (
+            not isinstance(value, Tensor)
+            or value.dtype != want.dtype
+            or (want.numel() and value.shape != want.shape)
+        ):
+            got = (
+                f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+                if isinstance(value, Tensor)
+                else repr(value)
+            )
+            raise ValueError(
+                f"state.{name}.{key}: expected a {want.dtype} tensor of shape {tuple(want.shape)}, got {got}; "
+                "was the checkpoint written with other settings?"
+            )
+    return {key: value.clone() for key, value in given.items()}
+
+
+def _move_to_(state: dict[str, Tensor], device: torch.device) -> None:
+    """Move the tensors of ``state`` to ``device`` where they are elsewhere (e.g. just loaded on the CPU)."""
+    for key, value in state.items():
+        if value.device != device:
+            state[key] = value.to(device)

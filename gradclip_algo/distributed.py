@@ -95,6 +95,13 @@ class Shards:
         return root(self.total(sums, maximum=math.isinf(norm_type)), norm_type)
 
 
+def _without_padding(tensor: Tensor, param: Tensor) -> Tensor:
+    """The local shard of an FSDP1 ``FlatParameter`` (``use_orig_params=False``) less the zeros padding its
+    end (so element counts are those of the real parameters); other tensors as they are."""
+    padded = getattr(param, "_shard_numel_padded", 0)
+    return tensor[: tensor.numel() - padded] if padded else tensor
+
+
 def local_shards(params: Sequence[Tensor], module: nn.Module | None = None) -> Shards:
     """The :class:`Shards` of ``params`` (all with grads); ``module`` is needed to recognise FSDP1."""
     fsdp1 = _fsdp1_modules(module)
@@ -106,8 +113,8 @@ def local_shards(params: Sequence[Tensor], module: nn.Module | None = None) -> S
                 "supported; use FULL_SHARD or SHARD_GRAD_OP with one process group, or FSDP2"
             )
         return Shards(
-            params=[p.detach() for p in params],
-            grads=[p.grad for p in params],
+            params=[_without_padding(p.detach(), p) for p in params],
+            grads=[_without_padding(p.grad, p) for p in params],
             split=[True] * len(params),
             units_whole=[False] * len(params),
             group=next(iter(groups.values())),
@@ -139,14 +146,17 @@ def _dtensor_shards(params: Sequence[Tensor], dtensor: type) -> Shards:
             )
         placement = param.placements[0]
         is_split = isinstance(placement, Shard) and mesh.size() > 1
-        if is_split:
-            groups[id(mesh)] = mesh.get_group()
+        if is_split:  # separate fully_shard calls make separate meshes over the same process group
+            group = mesh.get_group()
+            groups[id(group)] = group
         weights.append(param.detach().to_local())
         grads.append(param.grad.to_local())
         split.append(is_split)
         # Shard(0) keeps each row/filter on one rank; a 0-D/1-D tensor is one unit spread over all of them
         units_whole.append(not is_split or (placement.dim == 0 and param.ndim >= 2))
     if len(groups) > 1:
-        raise ValueError("parameters: DTensors on different device meshes cannot be clipped together")
+        raise ValueError(
+            "parameters: DTensors sharded over different process groups cannot be clipped together"
+        )
     group = next(iter(groups.values()), None)
     return Shards(weights, grads, split, units_whole, group, "fsdp2" if group is not None else "local")

@@ -10,8 +10,13 @@ from gradclip_algo.stats import ClipStats
 
 
 def apply_gradient_clipping(
-    parameters: Parameters, clipping_type: str, clipping_threshold: float, **options: Any
-) -> ClipStats:
+    parameters: Parameters,
+    clipping_type: str,
+    clipping_threshold: float,
+    *,
+    with_stats: bool = True,
+    **options: Any,
+) -> ClipStats | None:
     """Clip the gradients of ``parameters`` in place; call it between ``backward()`` and ``step()``.
 
     Args:
@@ -24,6 +29,10 @@ def apply_gradient_clipping(
             ``(name, param) -> bool``; needs names), ``nonfinite`` (one of ``NONFINITE_MODES``,
             default ``'propagate'``), ``error_if_nonfinite`` (as in torch: same as ``nonfinite='error'``).
 
+        with_stats: ``False`` returns ``None`` and skips the statistics where they cost extra passes
+            ('value' needs two norms and a count besides its clamp; 'norm' and 'adaptive' get theirs
+            from the clipping itself).
+
     Returns:
         :class:`ClipStats` with 0-d fp32 device tensors. No host sync happens unless ``nonfinite`` is
         ``'error'`` or ``'skip'`` (one sync each call to decide).
@@ -34,4 +43,4 @@ def apply_gradient_clipping(
             f"clipping_type={clipping_type!r} keeps statistics across steps, which a single call cannot: "
             f"create clipper = GradientClipper({clipping_type!r}, ...) once and call clipper(model) every step"
         )
-    return clipper(parameters)
+    return clipper(parameters, with_stats=with_stats)

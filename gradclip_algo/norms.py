@@ -8,11 +8,9 @@ computes; :class:`~gradclip_algo.distributed.Shards` adds them up across ranks.
 from __future__ import annotations
 
 import math
-from collections import defaultdict
-from collections.abc import Iterable
-
 import torch
 from torch import Tensor
+from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 # On CPU, BLAS dot is about twice as fast as vector_norm for the sum of squares of a large fp32 tensor.
 _CPU_DOT_MIN_NUMEL = 1 << 14
@@ -20,44 +18,41 @@ _CPU_DOT_MIN_NUMEL = 1 << 14
 GroupKey = tuple[torch.device, torch.dtype]
 
 
-def group_by_device_and_dtype(tensors: Iterable[Tensor]) -> dict[GroupKey, list[int]]:
-    """Indices of ``tensors`` grouped so that each group can go to one foreach kernel."""
-    groups: dict[GroupKey, list[int]] = defaultdict(list)
-    for index, tensor in enumerate(tensors):
-        groups[(tensor.device, tensor.dtype)].append(index)
-    return groups
+def group_by_device_and_dtype(tensors: list[Tensor]) -> dict[GroupKey, list[int]]:
+    """Indices of ``tensors`` grouped by device and dtype, so that each group can go to one foreach kernel."""
+    if not tensors:
+        return {}
+    grouped = _group_tensors_by_device_and_dtype([tensors], with_indices=True)
+    return {key: indices for key, (_, indices) in grouped.items()}
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _uses_cpu_dot(tensor: Tensor, norm_type: float) -> bool:
-    return (
-        norm_type == 2.0
-        and tensor.device.type == "cpu"
-        and tensor.dtype in (torch.float32, torch.float64)
-        and tensor.numel() >= _CPU_DOT_MIN_NUMEL
-        and tensor.is_contiguous()
+def _group_power_sums(tensors: list[Tensor], norm_type: float) -> Tensor:
+    """Per-tensor power sums (1-D, fp32 or fp64) for tensors on one device with one dtype, in order."""
+    first = tensors[0]
+    cpu_dot = (
+        norm_type == 2.0 and first.device.type == "cpu" and first.dtype in (torch.float32, torch.float64)
     )
-
-
-def _group_power_sums(tensors: list[Tensor], norm_type: float) -> list[Tensor]:
-    """Per-tensor power sums (0-d, fp32 or fp64) for tensors on one device with one dtype, in order."""
-    sums: list[Tensor | None] = [None] * len(tensors)
-    rest = []
-    for index, tensor in enumerate(tensors):
-        if _uses_cpu_dot(tensor, norm_type):
-            sums[index] = torch.dot(tensor.view(-1), tensor.view(-1))
-        else:
-            rest.append(index)
+    large = (
+        [i for i, t in enumerate(tensors) if t.numel() >= _CPU_DOT_MIN_NUMEL and t.is_contiguous()]
+        if cpu_dot
+        else []
+    )
+    sums = torch.empty(len(tensors), dtype=_accumulation_dtype(first.dtype), device=first.device)
+    if large:
+        sums[large] = torch.stack([torch.dot(tensors[i].view(-1), tensors[i].view(-1)) for i in large])
+    rest = [i for i in range(len(tensors)) if i not in set(large)] if large else range(len(tensors))
     if rest:
         group = [tensors[i] for i in rest]
-        norms = torch._foreach_norm(group, norm_type, dtype=_accumulation_dtype(group[0].dtype))
-        if not math.isinf(norm_type):
-            norms = torch._foreach_pow(norms, norm_type)
-        for index, value in zip(rest, norms, strict=True):
-            sums[index] = value
+        norms = torch.stack(torch._foreach_norm(group, norm_type, dtype=_accumulation_dtype(first.dtype)))
+        values = norms if math.isinf(norm_type) else norms.pow(norm_type)
+        if large:
+            sums[list(rest)] = values
+        else:
+            sums = values
     return sums
 
 
@@ -67,18 +62,25 @@ def power_sums(tensors: list[Tensor], norm_type: float, device: torch.device | N
     Entry ``i`` belongs to ``tensors[i]``. Tensors are grouped by device and dtype, large fp32 CPU tensors
     use BLAS dot (p = 2), the rest one foreach kernel per group.
     """
-    device = device if device is not None else tensors[0].device
     if not tensors:
         return torch.zeros(0, dtype=torch.float32, device=device)
+    device = device if device is not None else tensors[0].device
     groups = group_by_device_and_dtype(tensors)
     if len(groups) == 1:
-        return torch.stack(_group_power_sums(tensors, norm_type)).to(device, torch.float32)
+        return _group_power_sums(tensors, norm_type).to(device, torch.float32)
     out = torch.empty(len(tensors), dtype=torch.float32, device=device)
     for indices in groups.values():
-        group = [tensors[i] for i in indices]
-        sums = torch.stack(_group_power_sums(group, norm_type)).to(device, torch.float32)
-        out[torch.tensor(indices, device=device)] = sums
+        sums = _group_power_sums([tensors[i] for i in indices], norm_type)
+        out[torch.tensor(indices, device=device)] = sums.to(device, torch.float32)
     return out
+
+
+def sum_of_squares(tensor: Tensor) -> Tensor:
+    """``Σ t²`` as a 0-d tensor in fp32 (fp64 for fp64): BLAS dot for fp32/fp64 on CPU, else vector_norm²."""
+    flat = tensor.reshape(-1)
+    if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64):
+        return torch.dot(flat, flat)
+    return torch.linalg.vector_norm(flat, dtype=_accumulation_dtype(flat.dtype)).square()
 
 
 def root(power_sum: Tensor, norm_type: float) -> Tensor:
@@ -98,13 +100,20 @@ def global_norm(tensors: list[Tensor], norm_type: float = 2.0, device: torch.dev
     return root(combine(power_sums(tensors, norm_type, device), norm_type), norm_type)
 
 
-def unit_norms(tensor: Tensor) -> Tensor:
-    """L2 norm of each unit (fp32, fp64 for fp64): over every dim but the first for 2+ dims, else all of it.
+def unit_ndim(tensor: Tensor) -> int:
+    """How many trailing dims make one AGC unit: all but the first for 2+ dims, else the whole tensor."""
+    return tensor.ndim - 1 if tensor.ndim >= 2 else tensor.ndim
 
-    For a Linear weight a unit is an output row, for a Conv weight an output filter (Brock et al. 2021).
-    The result keeps the reduced dims (size 1) so it broadcasts against ``tensor``.
+
+def unit_norms(tensor: Tensor, ndim: int | None = None) -> Tensor:
+    """L2 norm of each unit over the last ``ndim`` dims (default :func:`unit_ndim`), kept broadcastable.
+
+    For a Linear weight a unit is an output row, for a Conv weight an output filter (Brock et al. 2021);
+    for a stack of tensors pass the unit dims of one of them. Accumulated in fp32 (fp64 for fp64).
     """
+    ndim = unit_ndim(tensor) if ndim is None else ndim
     accumulate = _accumulation_dtype(tensor.dtype)
-    if tensor.ndim <= 1:
-        return torch.linalg.vector_norm(tensor, dtype=accumulate)
-    return torch.linalg.vector_norm(tensor, dim=tuple(range(1, tensor.ndim)), keepdim=True, dtype=accumulate)
+    if ndim == 0:
+        return tensor.abs().to(accumulate)
+    dims = tuple(range(tensor.ndim - ndim, tensor.ndim))
+    return torch.linalg.vector_norm(tensor, dim=dims, keepdim=True, dtype=accumulate)

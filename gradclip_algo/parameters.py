@@ -35,18 +35,17 @@ def named_parameters(parameters: Parameters) -> list[tuple[str | None, Tensor]]:
         return [(unwrapped_name(name), param) for name, param in parameters.named_parameters()]
     if isinstance(parameters, Tensor):
         return [(None, parameters)]
-    pairs: list[tuple[str | None, Tensor]] = []
-    seen: set[int] = set()
-    for item in parameters:
-        name, tensor = item if isinstance(item, tuple) else (None, item)
+    items = list(parameters)
+    named = [item if type(item) is tuple else (None, item) for item in items]
+    for _, tensor in named:
         if not isinstance(tensor, Tensor):
             raise TypeError(
                 f"parameters: expected tensors or (name, tensor) pairs, got {type(tensor).__name__}"
             )
-        if id(tensor) not in seen:
-            seen.add(id(tensor))
-            pairs.append((name, tensor))
-    return pairs
+    unique: dict[int, tuple[str | None, Tensor]] = {}
+    for pair in named:
+        unique.setdefault(id(pair[1]), pair)
+    return list(unique.values())
 
 
 def exclusion_filter(exclude: Exclude) -> Predicate | None:
@@ -81,15 +80,15 @@ def params_with_grads(parameters: Parameters, exclude: Exclude = None) -> list[t
             "exclude: matching parameters by name needs names; pass the nn.Module itself or "
             "model.named_parameters() instead of bare tensors"
         )
-    selected = []
-    for name, param in pairs:
-        grad = param.grad
-        if grad is None or (excluded is not None and excluded(name or "", param)):
-            continue
-        if grad.is_sparse or grad.layout != torch.strided:
+    selected = [
+        (name, param)
+        for name, param in pairs
+        if param.grad is not None and (excluded is None or not excluded(name or "", param))
+    ]
+    for name, param in selected:
+        if param.grad.layout != torch.strided:
             raise TypeError(
-                f"parameters: gradient of {name or 'a parameter'} has layout {grad.layout}; "
+                f"parameters: gradient of {name or 'a parameter'} has layout {param.grad.layout}; "
                 "only dense (strided) gradients can be clipped"
             )
-        selected.append((name, param))
     return selected

@@ -18,6 +18,26 @@ def check_positive_number(field: str, value: Any, *, allow_inf: bool = False) ->
     return number
 
 
+def check_in_interval(
+    field: str, value: Any, low: float, high: float, *, include_high: bool = False
+) -> float:
+    """``value`` as a float if ``low < value < high`` (``≤ high`` with ``include_high``), else ``ValueError``."""
+    allowed = f"a number in ({low:g}, {high:g}{']' if include_high else ')'}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{field}: expected {allowed}, got {value!r} ({type(value).__name__})")
+    number = float(value)
+    if not (low < number < high or (include_high and number == high)):
+        raise ValueError(f"{field}: expected {allowed}, got {value!r}")
+    return number
+
+
+def check_int(field: str, value: Any, minimum: int) -> int:
+    """``value`` if it is an integer ``≥ minimum`` (bools refused), else ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{field}: expected an integer >= {minimum}, got {value!r}")
+    return value
+
+
 def check_choice(field: str, value: Any, allowed: Collection[str]) -> str:
     """``value`` if it is one of ``allowed``, else ``ValueError`` listing them."""
     if not isinstance(value, str) or value not in allowed:

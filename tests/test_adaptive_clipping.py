@@ -140,3 +140,20 @@ def test_composer_agc_freezes_zero_weights_and_ours_does_not() -> None:
     composer_gc.apply_gradient_clipping(theirs, "adaptive", 0.01, fsdp_enabled=False)
     assert torch.equal(theirs.bias.grad, torch.zeros(2))
     assert ours.bias.grad.abs().min().item() > 0
+
+
+def test_large_tensor_and_stacked_small_tensor_paths_match_reference() -> None:
+    """Large tensors are clipped in place, many small same-shaped ones on chunked stacks."""
+    gen = torch.Generator().manual_seed(11)
+    shapes = [(300, 400), (600, 32, 32), *[(32, 32)] * 600, *[(5,)] * 40, *[()] * 7]
+    params = [nn.Parameter(torch.randn(s, generator=gen) * 0.1) for s in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    with torch.no_grad():
+        params[-1].zero_()
+    expected = [agc_reference(p.detach(), p.grad, 0.05) for p in params]
+    stats = apply_gradient_clipping(params, "adaptive", 0.05)
+    for p, want in zip(params, expected, strict=True):
+        torch.testing.assert_close(p.grad.double(), want, rtol=1e-5, atol=1e-9)
+    post = torch.cat([g.flatten() for g in expected]).norm()
+    torch.testing.assert_close(stats.clipped_grad_norm.double(), post, rtol=1e-5, atol=0)

@@ -43,3 +43,38 @@ def test_values_at_the_bound_are_kept_and_not_counted() -> None:
     stats = apply_gradient_clipping(param, "value", 1.0)
     assert torch.equal(param.grad, torch.tensor([-1.0, -1.0, 0.5, 1.0, 1.0]))
     assert stats.clipped_fraction.item() == pytest.approx(2 / 5)
+
+
+def test_blocked_paths_match_torch_on_large_and_many_small_tensors() -> None:
+    """Tensors larger than a block are split, small ones packed together: both must match torch."""
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(700, 1000), (300,), (70000,), *[(7, 9)] * 300, (3, 5, 4)]
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    params.append(torch.nn.Parameter(torch.zeros(40, 30)))
+    params[-1].grad = torch.randn(30, 40, generator=gen).t()  # non-contiguous grad
+    reference = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for ref, p in zip(reference, params, strict=True):
+        ref.grad = p.grad.clone()
+    flat_before = torch.cat([p.grad.flatten() for p in params]).double()
+    stats = apply_gradient_clipping(params, "value", 1.5)
+    torch.nn.utils.clip_grad_value_(reference, 1.5)
+    for p, ref in zip(params, reference, strict=True):
+        assert torch.equal(p.grad, ref.grad)
+    flat_after = torch.cat([p.grad.flatten() for p in params]).double()
+    torch.testing.assert_close(stats.grad_norm.double(), flat_before.norm(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(stats.clipped_grad_norm.double(), flat_after.norm(), rtol=1e-5, atol=0)
+    assert stats.clipped_fraction.item() == pytest.approx(
+        (flat_before.abs() > 1.5).double().mean().item(), rel=1e-6
+    )
+
+
+@pytest.mark.parametrize("clipping_type", ["norm", "value", "adaptive"])
+def test_without_stats_clips_the_same_and_returns_none(mixed_model: MixedModel, clipping_type: str) -> None:
+    random_grads(mixed_model, seed=2)
+    reference = twin(mixed_model)
+    assert apply_gradient_clipping(mixed_model, clipping_type, 0.3, with_stats=False) is None
+    apply_gradient_clipping(reference, clipping_type, 0.3)
+    for got, want in zip(grads(mixed_model), grads(reference), strict=True):
+        assert torch.equal(got, want)

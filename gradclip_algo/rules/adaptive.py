@@ -2,33 +2,65 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 import torch
 from torch import Tensor
 
+from gradclip_algo.blocks import block_size
 from gradclip_algo.distributed import Shards
-from gradclip_algo.norms import unit_norms
+from gradclip_algo.norms import unit_ndim, unit_norms
 from gradclip_algo.stats import ClipStats
 
 AGC_EPS = 1e-3  # the paper's floor on the weight norm
 
+UnitResult = tuple[Tensor, Tensor, bool]  # unit grad norms, factors, stats are this rank's share
 
-def _whole_unit_norms(shards: Shards) -> tuple[list[Tensor], list[Tensor]]:
-    """Unit norms of grads and weights; units spread over ranks (sharded 0-D/1-D tensors) all-reduced."""
-    grad_norms = [unit_norms(g) for g in shards.grads]
-    weight_norms = [unit_norms(w) for w in shards.params]
-    spread = [i for i, whole in enumerate(shards.units_whole) if not whole]
-    if spread:
-        if shards.layout == "fsdp1":
-            raise ValueError(
-                "clipping_type='adaptive' under FSDP1: its flat shards split AGC's units (rows, filters) "
-                "across ranks; use FSDP2 (fully_shard), which keeps each unit on one rank, or DDP"
-            )
-        squares = shards.sum_over_ranks_(
-            torch.stack([n.square() for i in spread for n in (grad_norms[i], weight_norms[i])])
+
+def agc_coefficients(grad_norms: Tensor, weight_norms: Tensor, clipping: float, eps: float) -> Tensor:
+    """``min(1, M_u / ‖G_u‖)`` with ``M_u = λ · max(‖W_u‖, ε)``: the paper's "if ‖G_u‖ > M_u" as a factor.
+
+    ``M_u > 0``, so a zero grad norm gives ``inf``, clamped to 1: no division guard is needed.
+    """
+    return (weight_norms.clamp(min=eps) * clipping / grad_norms).clamp_(max=1.0)
+
+
+def _clip_units_(
+    grad: Tensor, weight: Tensor, ndim: int, clipping: float, eps: float
+) -> tuple[Tensor, Tensor]:
+    """Clip ``grad`` unit by unit (units = its last ``ndim`` dims); return unit norms and factors."""
+    grad_norms = unit_norms(grad, ndim)
+    coef = agc_coefficients(grad_norms, unit_norms(weight, ndim), clipping, eps)
+    grad.mul_(coef)
+    return grad_norms.flatten(), coef.flatten()
+
+
+def _clip_stacked_(
+    grads: list[Tensor], weights: list[Tensor], clipping: float, eps: float
+) -> tuple[Tensor, Tensor]:
+    """Clip small tensors of one shape with a few ops on their stack, then write the grads back."""
+    stack = torch.stack(grads)
+    result = _clip_units_(stack, torch.stack(weights), unit_ndim(grads[0]), clipping, eps)
+    torch._foreach_copy_(grads, stack.unbind(0))
+    return result
+
+
+def _clip_spread_(shards: Shards, indices: list[int], clipping: float, eps: float) -> list[UnitResult]:
+    """Clip 0-D/1-D tensors sharded over ranks (one unit each); their norms are all-reduced in one call."""
+    if shards.layout == "fsdp1":
+        raise ValueError(
+            "clipping_type='adaptive' under FSDP1: its flat shards split AGC's units (rows, filters) "
+            "across ranks; use FSDP2 (fully_shard), which keeps each unit on one rank, or DDP"
         )
-        for k, i in enumerate(spread):
-            grad_norms[i], weight_norms[i] = squares[2 * k].sqrt(), squares[2 * k + 1].sqrt()
-    return grad_norms, weight_norms
+    local = [t for i in indices for t in (shards.grads[i], shards.params[i])]
+    squares = torch.stack([unit_norms(t).square().to(shards.device, torch.float32) for t in local])
+    norms = shards.sum_over_ranks_(squares).sqrt().view(-1, 2)
+    results = []
+    for i, (grad_norm, weight_norm) in zip(indices, norms, strict=True):
+        coef = agc_coefficients(grad_norm, weight_norm, clipping, eps)
+        shards.grads[i].mul_(coef.to(shards.grads[i].device))
+        results.append((grad_norm.view(1), coef.view(1), False))
+    return results
 
 
 def adaptive_clip_grad(shards: Shards, clipping: float, eps: float = AGC_EPS) -> ClipStats:
@@ -36,27 +68,45 @@ def adaptive_clip_grad(shards: Shards, clipping: float, eps: float = AGC_EPS) ->
 
     Units are output rows/filters for tensors of 2+ dims and the whole tensor for 0-D and 1-D ones.
     The floor ε keeps zero-initialised parameters trainable. Norms are L2 and computed in fp32.
+    Small tensors of one shape are clipped together on their stack, a block at a time.
     """
+    spread = [i for i, whole in enumerate(shards.units_whole) if not whole]
+    results = _clip_spread_(shards, spread, clipping, eps) if spread else []
+    stackable: dict[tuple, list[int]] = defaultdict(list)
+    for i, (grad, weight) in enumerate(zip(shards.grads, shards.params, strict=True)):
+        if not shards.units_whole[i]:
+            continue
+        if grad.numel() * 4 < block_size(grad.device):
+            stackable[(grad.shape, grad.dtype, grad.device, shards.split[i])].append(i)
+        else:
+            results.append((*_clip_units_(grad, weight, unit_ndim(grad), clipping, eps), shards.split[i]))
+    for (shape, _, grad_device, split), indices in stackable.items():
+        per_block = max(1, block_size(grad_device) // max(1, shape.numel()))
+        for start in range(0, len(indices), per_block):
+            chunk = indices[start : start + per_block]
+            grads, weights = [shards.grads[i] for i in chunk], [shards.params[i] for i in chunk]
+            results.append((*_clip_stacked_(grads, weights, clipping, eps), split))
+    return _agc_stats(shards, results)
+
+
+def _agc_stats(shards: Shards, results: list[UnitResult]) -> ClipStats:
+    """Global pre/post L2 norms and the share of clipped units, from unit norms and factors."""
     device = shards.device
-    grad_norms, weight_norms = _whole_unit_norms(shards)
-    before, after, clipped, units = [], [], [], []
-    for grad, grad_norm, weight_norm in zip(shards.grads, grad_norms, weight_norms, strict=True):
-        max_norm = clipping * weight_norm.clamp(min=eps)
-        clip = grad_norm > max_norm
-        grad.mul_(torch.where(clip, max_norm / grad_norm, 1.0))
-        before.append(grad_norm.square().sum())
-        after.append(torch.minimum(grad_norm, max_norm).square().sum())
-        clipped.append(clip.sum())
-        units.append(grad_norm.numel())
-    # per-tensor stats of units that lie on this rank are partial; all-reduced unit norms are whole
-    partial = [s and w for s, w in zip(shards.split, shards.units_whole, strict=True)]
-
-    def total(values: list[Tensor]) -> Tensor:
-        return shards.total(torch.stack(values).to(device, torch.float32), partial=partial)
-
-    unit_count = torch.tensor(units, dtype=torch.float32).to(device, non_blocking=True)
-    return ClipStats(
-        grad_norm=total(before).sqrt(),
-        clipped_grad_norm=total(after).sqrt(),
-        clipped_fraction=total(clipped) / shards.total(unit_count, partial=partial).clamp(min=1),
+    rows = []
+    for grad_norms, coef, _ in results:
+        grad_norms, coef = grad_norms.to(device, torch.float32), coef.to(device, torch.float32)
+        rows.append(
+            torch.stack(
+                [
+                    grad_norms.square().sum(),
+                    (grad_norms * coef).square().sum(),
+                    (coef < 1.0).sum(dtype=torch.float32),
+                    torch.full((), float(coef.numel()), device=device),
+                ]
+            )
+        )
+    partial = [split for *_, split in results]
+    before, after, clipped, units = (
+        shards.total(column, partial=partial) for column in torch.stack(rows).unbind(1)
     )
+    return ClipStats(before.sqrt(), after.sqrt(), clipped / units.clamp(min=1))

@@ -1,0 +1,1 @@
+"""Benchmarks of gradclip_algo against torch.nn.utils, Composer and timm (``make bench``)."""

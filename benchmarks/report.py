@@ -1,0 +1,167 @@
+"""Markdown tables of the results, and the description of the machine they were measured on."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib.metadata import version
+
+import torch
+
+from benchmarks.implementations import FLOOR, OURS
+from benchmarks.trainer_overhead import StepTime
+
+MS = 1e3
+
+
+@dataclass(frozen=True)
+class Row:
+    """One implementation of one clipping type: its timed calls and the peak memory of one call."""
+
+    clipping_type: str
+    label: str
+    seconds: list[float]
+    peak_extra_bytes: int
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.seconds)
+
+    def quartiles_ms(self) -> str:
+        if len(self.seconds) < 2:
+            return "-"
+        low, _, high = statistics.quantiles(self.seconds, n=4, method="inclusive")
+        return f"{low * MS:.1f}-{high * MS:.1f}"
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    """The rows of one parameter set on one device and dtype, with what the rules clipped there."""
+
+    title: str
+    grad_bytes: int
+    thresholds: dict[str, float]
+    clipped_fraction: dict[str, float]
+    rows: list[Row]
+
+    def median_s(self, clipping_type: str, label: str) -> float:
+        return next(r.median_s for r in self.rows if (r.clipping_type, r.label) == (clipping_type, label))
+
+    def floor_rows(self) -> list[Row]:
+        """The floor candidates, fastest first."""
+        return sorted((row for row in self.rows if row.clipping_type == FLOOR), key=lambda row: row.median_s)
+
+
+def case_table(result: CaseResult) -> str:
+    """Median time, quartiles, ``ours ÷ this`` and peak extra memory per implementation; the floor row
+    repeats under every clipping type with that type's ``ours ÷ floor``."""
+    lines = [
+        f"### {result.title}",
+        "",
+        "| clipping | implementation | median ms | quartiles ms | ours ÷ this | peak extra memory, % of grads |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    floor = result.floor_rows()
+    for clipping_type in result.thresholds:
+        ours = result.median_s(clipping_type, OURS)
+        for row in [*(row for row in result.rows if row.clipping_type == clipping_type), floor[0]]:
+            ratio = "1" if row.label == OURS else f"{ours / row.median_s:.2f}"
+            memory = 100 * row.peak_extra_bytes / result.grad_bytes
+            lines.append(
+                f"| {clipping_type} | {row.label} | {row.median_s * MS:.1f} | {row.quartiles_ms()} | {ratio} "
+                f"| {memory:.2f} % ({row.peak_extra_bytes / 2**20:.1f} MiB) |"
+            )
+    candidates = ", ".join(
+        f"{row.label.removeprefix(FLOOR).strip(' ()')} {row.median_s * MS:.1f}" for row in floor
+    )
+    lines += ["", f"Floor candidates, median ms: {candidates}."]
+    clipped = ", ".join(
+        f"{name} λ = {result.thresholds[name]:.4g} ({share:.0%} clipped)"
+        for name, share in result.clipped_fraction.items()
+    )
+    lines += [
+        "",
+        f"Thresholds, and what ours clipped (norm: all or nothing; value: elements; adaptive: units): {clipped}.",
+    ]
+    return "\n".join(lines)
+
+
+def overhead_table(step_times: list[StepTime], parameters: int) -> str:
+    lines = [
+        f"### Composer training step, MLP with {parameters / 1e6:.2f} M parameters, CPU",
+        "",
+        "| configuration | median step ms | overhead ms | overhead, % of step |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for step in step_times:
+        lines.append(
+            f"| {step.label} | {step.median_s * MS:.2f} | {step.overhead_s * MS:+.2f} "
+            f"| {100 * step.overhead_share:+.1f} % |"
+        )
+    lines.append(f"\n{step_times[0].steps} timed steps per configuration.")
+    return "\n".join(lines)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_description() -> str:
+    """CPU, cores, torch threads, GPU, library versions, load average and the date."""
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+    load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
+    packages = ", ".join(f"{name} {version(name)}" for name in ("torch", "mosaicml", "timm"))
+    return (
+        f"- Machine: {cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads; GPU: {gpu}\n"
+        f"- Software: Python {platform.python_version()}, {packages}\n"
+        f"- Load average (1, 5, 15 min) at the end: {load}\n"
+        f"- Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"
+    )
+
+
+METHOD = """\
+How it is measured (`benchmarks/`):
+
+- Parameters: weights ~ N(0, 0.02²); the grads of tensor i ~ N(0, s²) with s cycling through 1e-5, 1e-4,
+  1e-3, 1e-2, 1e-1, so each rule clips some tensors or units and leaves others. Thresholds are chosen so
+  clipping is active (the share clipped is under each table).
+- Before timing, each implementation runs once (the warm-up) and its clipped grads are compared with the
+  reference's (torch for norm and value, timm for adaptive); the run stops if any differs by more than
+  1e-4 (fp32; 2e-2 in bf16) of the largest grad element.
+- Timing: before every timed call the grads are restored from a saved copy (untimed). One round calls
+  every implementation of every clipping type and the floor once, in an order rotated by one each round;
+  one untimed round first, then the timed rounds. Medians and quartiles over the rounds; every ratio is
+  taken between medians of the same run. On CUDA, times come from CUDA events between synchronisations.
+- Floor: the least any clipping rule must do, over the same grads in the same run: one read of every
+  element, then one in-place read-modify-write of every element (a multiply by a 0-d tensor holding 1).
+  Each pair of a read pass (`torch._foreach_norm`; `torch.dot(g, g)` per tensor; `g.sum()` per tensor) and
+  a write pass (`torch._foreach_mul_`; `g.mul_` per tensor) is one timed call; the fastest pair is the
+  floor. On CUDA the floor runs over one flat buffer of the same bytes, i.e. at the device's measured
+  bandwidth, free of per-tensor kernel launches.
+- Peak extra memory: the high-water mark of bytes torch allocates during one call beyond what was live
+  before it, in % of the grads' bytes. On CPU it is read from the allocator events that
+  `torch.profiler.profile(profile_memory=True)` records (+bytes per allocation, -bytes per free, summed in
+  time order); on CUDA from `torch.cuda.max_memory_allocated`.
+- Training-step overhead: three Composer `Trainer`s (no clipping, Composer's `GradientClipping`,
+  `gradclip_algo.GradientClipping`) train the same MLP on the same data; blocks of steps alternate between
+  them (one warm-up block each); a step is timed from `BATCH_START` to `BATCH_END` (forward, backward,
+  clipping, optimizer step) and the overhead is the difference of medians to the run without clipping.
+"""
+
+
+def results_markdown(machine: str, tables: list[str]) -> str:
+    """The whole RESULTS.md: machine, method, then every table."""
+    return (
+        "\n\n".join(["# Benchmark results", "Written by `make bench`.", machine, METHOD.rstrip(), *tables])
+        + "\n"
+    )

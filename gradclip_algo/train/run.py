@@ -1,0 +1,173 @@
+"""One training run from a checked :class:`RunConfig`: build every part, make the run folder, train, record.
+
+Everything that can reject a config (the algorithms block, the optimizer's options) is built before the run
+folder exists, so a bad config leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from composer import Trainer
+from composer.core import Algorithm
+from composer.utils import dist, reproducibility
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader, Dataset
+
+from gradclip_algo.algorithm import GradientClipping
+from gradclip_algo.config import build_algorithms
+from gradclip_algo.train.adding_problem import train_and_eval_sets
+from gradclip_algo.train.metrics import RunSummary, StepMetricsRecorder, StepRecord, summarize
+from gradclip_algo.train.model import AddingProblemModel
+from gradclip_algo.train.plot import PlotSeries, plot_runs
+from gradclip_algo.train.run_config import RunConfig, RunConfigError, to_dict
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.csv"
+SUMMARY_FILE = "summary.json"
+PLOT_FILE = "metrics.png"
+
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "sgd": torch.optim.SGD,
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+}
+
+
+@dataclass(frozen=True)
+class RunParts:
+    """What the ``Trainer`` gets, built (and so checked) before the run folder is made."""
+
+    model: AddingProblemModel
+    optimizer: torch.optim.Optimizer
+    algorithms: list[Algorithm]
+    train_loader: DataLoader
+    eval_loader: DataLoader
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """A finished run: its folder, its per-step records and their summary.
+
+    ``clipping`` describes the clipping set-up (``'none'`` without one); ``threshold`` is λ for norm
+    clipping, the value the pre-clip norm is compared with, else ``None``.
+    """
+
+    folder: Path
+    records: list[StepRecord]
+    summary: RunSummary
+    clipping: str
+    threshold: float | None
+
+
+def _loader(dataset: Dataset, batch_size: int, seed: int, train: bool) -> DataLoader:
+    sampler = dist.get_sampler(dataset, shuffle=train, drop_last=train, seed=seed)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=train)
+
+
+def build_parts(config: RunConfig) -> RunParts:
+    """Model (seeded), optimizer, algorithms and data loaders of ``config``.
+
+    Raises:
+        RunConfigError: the algorithms block or the optimizer's options are rejected.
+    """
+    try:
+        algorithms = build_algorithms(config.algorithms)
+    except (TypeError, ValueError) as err:
+        raise RunConfigError(str(err)) from err
+    torch.set_num_threads(config.cpu_threads)
+    reproducibility.seed_all(config.seed)
+    model = AddingProblemModel(config.model.hidden_size, config.model.recurrent_init_gain)
+    opt = config.optimizer
+    try:
+        optimizer = OPTIMIZERS[opt.name](model.parameters(), lr=opt.lr, **opt.options)
+    except (TypeError, ValueError) as err:
+        raise RunConfigError(f"optimizer.options: {opt.name} rejected {opt.options!r}: {err}") from err
+    task = config.task
+    train_set, eval_set = train_and_eval_sets(
+        task.train_samples, task.eval_samples, task.sequence_length, config.seed
+    )
+    return RunParts(
+        model=model,
+        optimizer=optimizer,
+        algorithms=algorithms,
+        train_loader=_loader(train_set, task.batch_size, config.seed, train=True),
+        eval_loader=_loader(eval_set, task.eval_samples, config.seed, train=False),
+    )
+
+
+def create_run_folder(parent: Path, name: str) -> Path:
+    """A new, empty ``parent/name``; if that exists, the first of ``name-2``, ``name-3``, ... that does not.
+
+    ``mkdir`` without ``exist_ok`` makes the claim atomic, so two runs never share a folder.
+    """
+    parent.mkdir(parents=True, exist_ok=True)
+    for number in itertools.count(1):
+        folder = parent / (name if number == 1 else f"{name}-{number}")
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue
+        return folder
+    raise AssertionError("unreachable")
+
+
+def describe_clipping(algorithms: list[Algorithm]) -> tuple[str, float | None]:
+    """``('norm λ=0.5', 0.5)`` for norm clipping, ``('value λ=1', None)`` for other rules, ``('none', None)``."""
+    for algorithm in algorithms:
+        if isinstance(algorithm, GradientClipping):
+            clipper = algorithm.clipper
+            threshold = clipper.clipping_threshold if clipper.clipping_type == "norm" else None
+            return f"{clipper.clipping_type} λ={clipper.clipping_threshold:g}", threshold
+    return "none", None
+
+
+def _json_number(value: float | int | None) -> float | int | str | None:
+    """JSON has no inf or NaN: those are written as the strings ``'inf'`` / ``'nan'`` (``float()`` reads them)."""
+    return value if not isinstance(value, float) or math.isfinite(value) else str(value)
+
+
+def train(config: RunConfig, *, progress_bar: bool = True) -> RunResult:
+    """Train the run of ``config`` and fill its run folder.
+
+    The folder gets ``config.yaml`` (the config with every default filled in), ``metrics.csv`` (one row per
+    optimizer step, written as training goes), ``summary.json`` and ``metrics.png``.
+
+    Raises:
+        RunConfigError: before any folder is made, if a part of the config is rejected.
+    """
+    parts = build_parts(config)
+    folder = create_run_folder(Path(config.run_folder), config.run_name)
+    print(f"run folder: {folder}", flush=True)
+    OmegaConf.save(OmegaConf.create(to_dict(config)), folder / CONFIG_FILE)
+    recorder = StepMetricsRecorder(folder / METRICS_FILE)
+    trainer = Trainer(
+        model=parts.model,
+        train_dataloader=parts.train_loader,
+        eval_dataloader=parts.eval_loader,
+        eval_interval="1dur",
+        max_duration=config.max_duration,
+        optimizers=parts.optimizer,
+        algorithms=parts.algorithms,
+        callbacks=[recorder],
+        loggers=[],
+        run_name=folder.name,
+        seed=config.seed,
+        device_train_microbatch_size=config.device_train_microbatch_size,
+        progress_bar=progress_bar,
+    )
+    trainer.fit()
+    eval_mse = float(trainer.state.eval_metric_values["MeanSquaredError"])
+    trainer.close()
+    clipping, threshold = describe_clipping(parts.algorithms)
+    summary = summarize(recorder.records, eval_mse)
+    with (folder / SUMMARY_FILE).open("w") as file:
+        values = {name: _json_number(value) for name, value in asdict(summary).items()}
+        json.dump({"clipping": clipping, **values}, file, indent=2)
+    plot_runs([PlotSeries(folder.name, recorder.records, threshold)], folder / PLOT_FILE, f"{folder.name}")
+    return RunResult(folder, recorder.records, summary, clipping, threshold)

@@ -1,0 +1,391 @@
+"""``GradientClipping`` inside a real Composer ``Trainer``, checked against the functional API."""
+
+from __future__ import annotations
+
+import copy
+import io
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.composer
+pytest.importorskip("composer")
+
+import torch  # noqa: E402
+from composer import Trainer  # noqa: E402
+from composer.core import Event, State  # noqa: E402
+from composer.loggers import InMemoryLogger, Logger  # noqa: E402
+from composer.models import ComposerClassifier  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+from gradclip_algo import (  # noqa: E402
+    ClipStats,
+    GradientClipping,
+    NonFiniteGradError,
+    apply_gradient_clipping,
+    unit_norms,
+)
+
+BATCH = 8
+NUM_BATCHES = 6
+LRS = (0.1, 0.05)  # one per parameter group
+METRICS = ("grad_norm", "clipped_grad_norm", "clipped_fraction", "clipped_steps_fraction", "skipped_steps")
+# Globals Composer itself pickles into every checkpoint (numpy RNG state, wall-clock times, torch version).
+COMPOSER_CHECKPOINT_GLOBALS = {
+    "numpy._core.multiarray._reconstruct",
+    "numpy.ndarray",
+    "numpy.dtype",
+    "datetime.timedelta",
+    "torch.torch_version.TorchVersion",
+}
+
+
+class RecordingSGD(torch.optim.SGD):
+    """SGD that keeps, for every ``step()``, the weights and grads it is about to update (group order)."""
+
+    def __init__(self, param_groups: list[dict[str, Any]]) -> None:
+        super().__init__(param_groups)
+        self.seen: list[tuple[list[Tensor], list[Tensor | None]]] = []
+
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        params = [p for group in self.param_groups for p in group["params"]]
+        self.seen.append(
+            (
+                [p.detach().clone() for p in params],
+                [None if p.grad is None else p.grad.clone() for p in params],
+            )
+        )
+        super().step()
+        return loss
+
+
+def make_model() -> ComposerClassifier:
+    torch.manual_seed(0)
+    return ComposerClassifier(nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)), num_classes=3)
+
+
+def param_groups(model: ComposerClassifier) -> list[dict[str, Any]]:
+    first, last = model.module[0], model.module[2]
+    return [
+        {"params": list(first.parameters()), "lr": LRS[0]},
+        {"params": list(last.parameters()), "lr": LRS[1]},
+    ]
+
+
+def make_loader(nan_batch: int | None = None) -> DataLoader:
+    """Batches whose inputs alternate in scale (x1, x20), so a threshold in between clips every other step."""
+    gen = torch.Generator().manual_seed(1)
+    inputs = torch.randn(NUM_BATCHES, BATCH, 6, generator=gen)
+    inputs[1::2] *= 20.0
+    if nan_batch is not None:
+        inputs[nan_batch, 0, 0] = float("nan")
+    targets = torch.randint(0, 3, (NUM_BATCHES * BATCH,), generator=gen)
+    return DataLoader(TensorDataset(inputs.reshape(-1, 6), targets), batch_size=BATCH, shuffle=False)
+
+
+def train(
+    algorithm: GradientClipping,
+    model: ComposerClassifier | None = None,
+    batches: int = NUM_BATCHES,
+    loader: DataLoader | None = None,
+    **trainer_args: Any,
+) -> tuple[Trainer, RecordingSGD, InMemoryLogger]:
+    model = model or make_model()
+    optimizer = RecordingSGD(param_groups(model))
+    in_memory = InMemoryLogger()
+    trainer = Trainer(
+        model=model,
+        train_dataloader=loader or make_loader(),
+        max_duration=f"{batches}ba",
+        optimizers=optimizer,
+        algorithms=[algorithm],
+        loggers=[in_memory],
+        progress_bar=False,
+        log_to_console=False,
+        device="cpu",
+        seed=0,
+        **trainer_args,
+    )
+    trainer.fit()
+    return trainer, optimizer, in_memory
+
+
+def reference_run(
+    model: ComposerClassifier, batches: int = NUM_BATCHES, **clipping: Any
+) -> list[tuple[list[Tensor | None], ClipStats]]:
+    """The same training with the functional API: whole batch, backward, clip, SGD step."""
+    optimizer = torch.optim.SGD(param_groups(model))
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    steps = []
+    for _, batch in zip(range(batches), make_loader(), strict=False):
+        optimizer.zero_grad(set_to_none=True)
+        model.loss(model(batch), batch).backward()
+        stats = apply_gradient_clipping(model, **clipping)
+        steps.append(([None if p.grad is None else p.grad.clone() for p in params], stats))
+        optimizer.step()
+    return steps
+
+
+def logged(in_memory: InMemoryLogger, name: str) -> list[tuple[int, float]]:
+    return [
+        (timestamp.batch.value, value) for timestamp, value in in_memory.data[f"gradient_clipping/{name}"]
+    ]
+
+
+def assert_grads_equal(got: list[Tensor | None], want: list[Tensor | None]) -> None:
+    for got_grad, want_grad in zip(got, want, strict=True):
+        torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-7)
+
+
+def assert_loads_weights_only(checkpoint: Path) -> list[tuple[str, dict[str, Any]]]:
+    """The checkpoint needs no pickled globals beyond Composer's own; its algorithms entry needs none."""
+    assert (
+        set(torch.serialization.get_unsafe_globals_in_checkpoint(checkpoint)) <= COMPOSER_CHECKPOINT_GLOBALS
+    )
+    saved = torch.load(checkpoint, weights_only=False)["state"]["algorithms"]
+    buffer = io.BytesIO()
+    torch.save(saved, buffer)
+    buffer.seek(0)
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(buffer) == []
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)
+    assert repr(loaded) == repr(saved)
+    return loaded
+
+
+def assert_within_bound(
+    clipping_type: str, threshold: float, weights: list[Tensor], grads: list[Tensor]
+) -> None:
+    """The rule's bound holds for the grads ``optimizer.step()`` received, and clipping was active."""
+    if clipping_type == "norm":
+        norm = torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads]))
+        assert threshold * (1 - 1e-5) <= norm <= threshold * (1 + 1e-5)
+    elif clipping_type == "value":
+        assert max(g.abs().max() for g in grads) == pytest.approx(threshold, rel=1e-7)
+    else:
+        ratios = [
+            unit_norms(g) / (threshold * unit_norms(w).clamp(min=1e-3))
+            for w, g in zip(weights, grads, strict=True)
+        ]
+        assert max(r.max() for r in ratios) == pytest.approx(1.0, rel=1e-5)
+
+
+@pytest.mark.parametrize("microbatch", [BATCH, 2])
+@pytest.mark.parametrize(
+    ("clipping_type", "threshold"), [("norm", 0.05), ("value", 0.01), ("adaptive", 0.01)]
+)
+def test_optimizer_sees_clipped_grads_equal_to_whole_batch_reference(
+    clipping_type: str, threshold: float, microbatch: int
+) -> None:
+    """Every step, with or without accumulation over 4 microbatches and with two parameter groups,
+    the grads reaching ``optimizer.step()`` obey the bound and equal the functional API on the whole batch."""
+    model = make_model()
+    reference = reference_run(copy.deepcopy(model), clipping_type=clipping_type, clipping_threshold=threshold)
+    _, optimizer, _ = train(
+        GradientClipping(clipping_type, threshold), model, device_train_microbatch_size=microbatch
+    )
+    assert len(optimizer.seen) == NUM_BATCHES
+    for (weights, grads), (reference_grads, _) in zip(optimizer.seen, reference, strict=True):
+        assert_within_bound(clipping_type, threshold, weights, grads)
+        assert_grads_equal(grads, reference_grads)
+
+
+@pytest.mark.parametrize("log_interval", [1, 3])
+def test_logged_metrics_match_reference(log_interval: int) -> None:
+    threshold = 3.0  # between the grad norms of the x1 and the x20 batches
+    model = make_model()
+    reference = [
+        stats
+        for _, stats in reference_run(
+            copy.deepcopy(model), clipping_type="norm", clipping_threshold=threshold
+        )
+    ]
+    clipped = [bool(stats.clipped_fraction) for stats in reference]
+    assert clipped == [False, True] * (NUM_BATCHES // 2)
+    algorithm = GradientClipping("norm", threshold, log_interval=log_interval)
+    _, _, in_memory = train(algorithm)
+
+    steps = list(range(0, NUM_BATCHES, log_interval))
+    for name in ("grad_norm", "clipped_grad_norm", "clipped_fraction"):
+        assert logged(in_memory, name) == [
+            (step, pytest.approx(float(getattr(reference[step], name)), rel=1e-5)) for step in steps
+        ]
+    # share of clipped steps among those since the previous log, this one included
+    windows = [range(max(step - log_interval + 1, 0), step + 1) for step in steps]
+    fractions = [sum(clipped[i] for i in window) / len(window) for window in windows]
+    assert logged(in_memory, "clipped_steps_fraction") == list(zip(steps, fractions, strict=True))
+    assert logged(in_memory, "skipped_steps") == [(step, 0) for step in steps]
+    if log_interval == 3:
+        assert fractions == [0.0, 2 / 3]
+    assert algorithm.last_stats is not None
+    assert float(algorithm.last_stats.grad_norm) == pytest.approx(float(reference[-1].grad_norm), rel=1e-5)
+
+
+def test_exclude_by_parameter_name() -> None:
+    """The last layer (``module.2.*``) keeps its raw grads; the others are clipped by their own norm."""
+    model = make_model()
+    clipping = {"clipping_type": "norm", "clipping_threshold": 0.05, "exclude": ["module.2.*"]}
+    reference = reference_run(copy.deepcopy(model), **clipping)
+    unclipped = reference_run(copy.deepcopy(model), batches=1, clipping_type="norm", clipping_threshold=1e9)
+    _, optimizer, _ = train(GradientClipping(**clipping), model)
+    for (_, grads), (reference_grads, _) in zip(optimizer.seen, reference, strict=True):
+        assert_grads_equal(grads, reference_grads)
+        first_layer_norm = torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads[:2]]))
+        assert first_layer_norm == pytest.approx(0.05, rel=1e-5)
+    first_step_grads = optimizer.seen[0][1]
+    assert_grads_equal(first_step_grads[2:], unclipped[0][0][2:])
+    assert torch.linalg.vector_norm(first_step_grads[2]) > 0.05
+
+
+def test_nonfinite_error_names_the_batch_and_the_parameter() -> None:
+    with pytest.raises(
+        NonFiniteGradError, match=r"^batch 2: non-finite gradient .* in module\.0\.weight"
+    ) as info:
+        train(GradientClipping("norm", 1.0, nonfinite="error"), loader=make_loader(nan_batch=2))
+    assert info.value.param_name == "module.0.weight"
+    assert isinstance(info.value.__cause__, NonFiniteGradError)
+
+
+def test_nonfinite_skip_leaves_weights_untouched_and_is_counted() -> None:
+    algorithm = GradientClipping("norm", 1.0, nonfinite="skip", log_interval=3)
+    trainer, optimizer, in_memory = train(algorithm, batches=4, loader=make_loader(nan_batch=2))
+    weights_before, grads = optimizer.seen[2]
+    assert all(grad is None for grad in grads)
+    for before, after in zip(weights_before, optimizer.seen[3][0], strict=True):
+        assert torch.equal(before, after)
+    assert logged(in_memory, "skipped_steps") == [(0, 0), (3, 1)]
+    assert all(torch.isfinite(p).all() for p in trainer.state.model.parameters())
+
+
+def test_checkpoint_resume_restores_counters_and_loads_weights_only(tmp_path: Path) -> None:
+    threshold = 3.0
+    _, _, uninterrupted = train(GradientClipping("norm", threshold, log_interval=3))
+
+    first = GradientClipping("norm", threshold, log_interval=3)
+    train(first, batches=2, save_folder=str(tmp_path), save_interval="2ba")
+    checkpoint = tmp_path / "ep0-ba2-rank0.pt"
+    # after batch 0 (logged) and batch 1 (clipped, not logged): one step in the window, one clipped
+    assert first.state_dict() == {
+        "repr": "GradientClipping(clipping_type='norm', clipping_threshold=3.0, log_interval=3)",
+        "clipper": {},
+        "steps_since_log": 1,
+        "clipped_steps": 1,
+        "skipped_steps": 0,
+    }
+
+    saved = assert_loads_weights_only(checkpoint)
+    assert saved == [("GradientClipping", first.state_dict())]
+
+    resumed = GradientClipping("norm", threshold, log_interval=3)
+    _, _, in_memory = train(resumed, load_path=str(checkpoint))
+    assert logged(in_memory, "clipped_steps_fraction") == [(3, 2 / 3)]
+    for name in METRICS:
+        assert logged(in_memory, name) == [
+            (step, pytest.approx(value, rel=1e-5)) for step, value in logged(uninterrupted, name) if step >= 2
+        ]
+
+
+def test_stateful_rule_resumes_with_its_statistics(tmp_path: Path) -> None:
+    """AutoClip's norm history goes through the checkpoint: the resumed run clips as the uninterrupted one."""
+    clipping = {
+        "clipping_type": "quantile",
+        "clipping_threshold": float("inf"),
+        "percentile": 10.0,
+        "window": 8,
+    }
+    _, uninterrupted, uninterrupted_log = train(GradientClipping(**clipping))
+    # a fresh history never clips its first step, so clipping at step 3 needs the restored one
+    assert logged(uninterrupted_log, "clipped_fraction")[3] == (3, 1.0)
+
+    train(GradientClipping(**clipping), batches=3, save_folder=str(tmp_path), save_interval="3ba")
+    saved = assert_loads_weights_only(tmp_path / "ep0-ba3-rank0.pt")
+    assert set(saved[0][1]["clipper"]) == {"rule"}
+    resumed = GradientClipping(**clipping)
+    _, optimizer, _ = train(resumed, load_path=str(tmp_path / "ep0-ba3-rank0.pt"))
+    # loading first runs one step with zero grads at lr 0 to create the optimizer state (torch's
+    # distributed-checkpoint helper); the training steps follow
+    init_step, *steps = optimizer.seen
+    assert all(torch.count_nonzero(grad) == 0 for grad in init_step[1])
+    for (_, grads), (_, want) in zip(steps, uninterrupted.seen[3:], strict=True):
+        assert_grads_equal(grads, want)
+
+
+def test_load_state_dict_of_composers_own_algorithm_keeps_a_fresh_state() -> None:
+    algorithm = GradientClipping("norm", 1.0)
+    with pytest.warns(UserWarning, match="holds no gradclip_algo state"):
+        algorithm.load_state_dict({"repr": "GradientClipping(clipping_type='norm', clipping_threshold=1.0)"})
+    assert algorithm.state_dict()["steps_since_log"] == 0
+
+
+def test_amp_fp16_propagates_nonfinite_grads_warns_once_and_counts_scaler_skips() -> None:
+    """Under fp16 AMP the GradScaler skips inf/NaN steps, so 'error' must not raise (State built on CPU)."""
+    model = make_model()
+    state = State(model=model, rank_zero_seed=0, run_name="fp16", device="cpu", precision="amp_fp16")
+    in_memory = InMemoryLogger()
+    logger = Logger(state, in_memory)
+    in_memory.init(state, logger)
+    algorithm = GradientClipping("norm", 1.0, nonfinite="error", log_interval=2)
+    assert algorithm.match(Event.AFTER_TRAIN_BATCH, state) and not algorithm.match(Event.BATCH_END, state)
+    with pytest.warns(UserWarning, match="'error' is treated as 'propagate'") as warned:
+        for step in range(3):
+            state.timestamp = state.timestamp.copy(batch=step)
+            for param in model.parameters():
+                param.grad = torch.full_like(param, float("nan") if step > 0 else 1.0)
+            algorithm.apply(Event.AFTER_TRAIN_BATCH, state, logger)
+    assert len(warned) == 1
+    assert all(torch.isnan(p.grad).all() for p in model.parameters())
+    assert logged(in_memory, "skipped_steps") == [(0, 0), (2, 2)]
+    assert algorithm.nonfinite == "error"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Composer runs AMP precisions on GPU only")
+@pytest.mark.parametrize("precision", ["amp_fp16", "amp_bf16"])
+def test_amp_precisions_on_gpu(precision: str) -> None:
+    _, optimizer, in_memory = train(GradientClipping("norm", 0.05), device="gpu", precision=precision)
+    assert optimizer.seen  # the fp16 GradScaler may skip the first steps while it lowers its scale
+    for _, grads in optimizer.seen:
+        norm = torch.linalg.vector_norm(torch.cat([g.float().flatten() for g in grads]))
+        assert norm <= 0.05 * (1 + 1e-3)
+    assert [step for step, _ in logged(in_memory, "grad_norm")] == list(range(NUM_BATCHES))
+
+
+def test_repr() -> None:
+    assert repr(GradientClipping("norm", 1)) == (
+        "GradientClipping(clipping_type='norm', clipping_threshold=1.0, log_interval=1)"
+    )
+    assert repr(GradientClipping("adaptive", 0.01, log_interval=10, eps=1e-4, exclude=["*fc.*"])) == (
+        "GradientClipping(clipping_type='adaptive', clipping_threshold=0.01, log_interval=10, "
+        "eps=0.0001, exclude=['*fc.*'])"
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "options", "error", "message"),
+    [
+        (
+            ("l2", 1.0),
+            {},
+            ValueError,
+            r"clipping_type: expected one of 'norm', 'value', 'adaptive'.* got 'l2'",
+        ),
+        (("norm", -1.0), {}, ValueError, r"clipping_threshold: expected a number > 0 and finite, got -1.0"),
+        (("norm", "1.0"), {}, ValueError, r"clipping_threshold: .* got '1.0' \(str\)"),
+        (("norm", 1.0), {"log_interval": 0}, ValueError, r"log_interval: expected an integer >= 1, got 0"),
+        (("norm", 1.0), {"log_interval": True}, ValueError, r"log_interval: .* got True"),
+        (("norm", 1.0), {"log_interval": 2.0}, ValueError, r"log_interval: .* got 2.0"),
+        (("norm", 1.0), {"eps": 1e-3}, TypeError, r"unknown option\(s\) eps; allowed: "),
+        (("norm", 1.0), {"nonfinite": "ignore"}, ValueError, r"nonfinite: expected one of .* got 'ignore'"),
+        (("norm", 1.0), {"exclude": [3]}, TypeError, r"exclude: expected glob patterns"),
+    ],
+)
+def test_bad_values_raise_at_construction(
+    args: tuple[Any, ...], options: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        GradientClipping(*args, **options)

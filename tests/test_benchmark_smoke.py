@@ -1,0 +1,103 @@
+"""The benchmark's code paths on tiny sizes: its cases, its agreement check, and every row of its tables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.composer
+pytest.importorskip("composer")
+pytest.importorskip("timm")
+
+from benchmarks import implementations  # noqa: E402
+from benchmarks.bench_clipping import main  # noqa: E402
+from benchmarks.cases import (  # noqa: E402
+    GPT2_SMALL,
+    MANY_SMALL,
+    SMOKE_CASES,
+    clipping_thresholds,
+    make_model,
+)
+from benchmarks.implementations import (  # noqa: E402
+    FLOOR,
+    IMPLEMENTATIONS,
+    REFERENCE,
+    Implementation,
+    deviations_from_reference,
+)
+from benchmarks.trainer_overhead import CONFIGURATIONS  # noqa: E402
+
+CPU = torch.device("cpu")
+
+
+def test_full_cases_have_the_documented_sizes() -> None:
+    assert len(GPT2_SMALL.shapes) == 148
+    assert GPT2_SMALL.numel == 124_439_808
+    assert GPT2_SMALL.shapes[:2] == ((50257, 768), (1024, 768))
+    assert len(MANY_SMALL.shapes) == 5000 and MANY_SMALL.numel == 5000 * 32 * 32
+
+
+@pytest.mark.parametrize("case", SMOKE_CASES, ids=lambda case: case.name)
+def test_every_implementation_clips_like_the_reference(case) -> None:
+    model = make_model(case, CPU, torch.float32)
+    grads = [param.grad for param in model.parameters()]
+    initial = [grad.clone() for grad in grads]
+    thresholds = clipping_thresholds(model)
+    for clipping_type, implementations_of_type in IMPLEMENTATIONS.items():
+        torch._foreach_copy_(grads, initial)
+        reference = next(impl for impl in implementations_of_type if impl.label == REFERENCE[clipping_type])
+        reference.clip(model, thresholds[clipping_type])
+        expected = [grad.clone() for grad in grads]
+        assert any(not torch.equal(e, i) for e, i in zip(expected, initial, strict=True)), clipping_type
+        for implementation in implementations_of_type:
+            torch._foreach_copy_(grads, initial)
+            implementation.clip(model, thresholds[clipping_type])
+            for got, want in zip(grads, expected, strict=True):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-9)
+
+
+def test_agreement_check_flags_an_implementation_that_clips_differently(monkeypatch) -> None:
+    model = make_model(SMOKE_CASES[0], CPU, torch.float32)
+    grads = [param.grad for param in model.parameters()]
+    initial = [grad.clone() for grad in grads]
+
+    def reset() -> None:
+        torch._foreach_copy_(grads, initial)
+
+    thresholds = clipping_thresholds(model)
+    deviations = deviations_from_reference(model, reset, thresholds)
+    assert set(deviations) == {(t, impl.label) for t, impls in IMPLEMENTATIONS.items() for impl in impls}
+    assert max(deviations.values()) < 1e-6
+
+    # a norm rule off by 1 % must show as a deviation of about 1 %
+    wrong = Implementation("wrong", lambda m, t: torch.nn.utils.clip_grad_norm_(m.parameters(), 0.99 * t))
+    monkeypatch.setitem(implementations.IMPLEMENTATIONS, "norm", (*IMPLEMENTATIONS["norm"], wrong))
+    deviations = deviations_from_reference(model, reset, thresholds)
+    assert deviations[("norm", "wrong")] == pytest.approx(0.01, rel=1e-3)
+
+
+def test_smoke_run_writes_every_row(tmp_path: Path) -> None:
+    output = tmp_path / "RESULTS.md"
+    markdown = main(["--smoke", "--output", str(output)])
+    assert output.read_text() == markdown
+    sections = markdown.split("\n### ")
+    for case in SMOKE_CASES:
+        section = next(s for s in sections if s.startswith(case.name))
+        rows = [line.split(" | ") for line in section.splitlines() if line.startswith("| ")][2:]
+        labels = [(row[0].removeprefix("| "), row[1]) for row in rows]
+        expected = [
+            label
+            for clipping_type, impls in IMPLEMENTATIONS.items()
+            for label in [*((clipping_type, impl.label) for impl in impls), (clipping_type, FLOOR)]
+        ]
+        assert [(t, label.split(" (")[0]) for t, label in labels] == expected
+        for row in rows:
+            median_ms, ratio = float(row[2]), float(row[4])
+            assert median_ms >= 0 and ratio > 0
+        assert "norm λ =" in section and "value λ = 0.001" in section and "adaptive λ = 0.01" in section
+    trainer_section = next(s for s in sections if s.startswith("Composer training step"))
+    for label in CONFIGURATIONS:
+        assert f"| {label} |" in trainer_section
+    assert "torch 2." in markdown and "torch threads" in markdown

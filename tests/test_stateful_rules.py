@@ -1,0 +1,504 @@
+"""'quantile', 'zscore' and 'adagc' against float64 references of their papers' rules, step by step."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+from collections.abc import Callable, Iterator, Sequence
+
+import pytest
+import torch
+from torch import nn
+
+from gradclip_algo import GradientClipper, apply_gradient_clipping
+
+SHAPES = [(4, 3), (5,), (2, 2, 2)]
+SHARES = [3 / 13, 4 / 13, 12 / 13]  # each tensor's share of the global norm (squares sum to 1)
+EPS = 1e-6
+# Conversions of a tensor to a Python value: each one waits for the device.
+HOST_SYNCS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")
+
+
+@contextlib.contextmanager
+def no_host_sync() -> Iterator[None]:
+    """Make every tensor -> Python conversion raise while the block runs."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("host sync: a tensor was read as a Python value")
+
+    saved = {name: getattr(torch.Tensor, name) for name in HOST_SYNCS}
+    try:
+        for name in HOST_SYNCS:
+            setattr(torch.Tensor, name, refuse)
+        yield
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
+
+
+def make_params() -> list[nn.Parameter]:
+    return [nn.Parameter(torch.zeros(shape)) for shape in SHAPES]
+
+
+def unit_directions(seed: int = 0) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    directions = [torch.randn(shape, generator=gen, dtype=torch.float64) for shape in SHAPES]
+    return [d / d.norm() for d in directions]
+
+
+def set_grads(params: list[nn.Parameter], tensor_norms: Sequence[float]) -> list[torch.Tensor]:
+    """Grads with the given per-tensor L2 norms; returns them in float64."""
+    wanted = [d * a for d, a in zip(unit_directions(), tensor_norms, strict=True)]
+    for param, grad in zip(params, wanted, strict=True):
+        param.grad = grad.float()
+    return [p.grad.double() for p in params]
+
+
+def assert_scaled(params: list[nn.Parameter], before: list[torch.Tensor], coefs: Sequence[float]) -> None:
+    for param, grad, coef in zip(params, before, coefs, strict=True):
+        torch.testing.assert_close(param.grad.double(), grad * coef, rtol=2e-6, atol=1e-9)
+
+
+def run_global(clipper: GradientClipper, norms: Sequence[float], expected_coefs: Sequence[float]) -> None:
+    """Step through global norms ``norms``; each step every grad must be scaled by its expected coef."""
+    params = make_params()
+    for step, (norm, coef) in enumerate(zip(norms, expected_coefs, strict=True)):
+        before = set_grads(params, [norm * share for share in SHARES])
+        with no_host_sync():
+            stats = clipper(params)
+        assert_scaled(params, before, [coef] * len(params))
+        assert stats.clipped_fraction.item() == float(coef < 1.0), f"step {step}"
+        torch.testing.assert_close(stats.grad_norm.double(), torch.tensor(norm, dtype=torch.float64))
+
+
+# ---- float64 references, written from the papers' rules -----------------------------------------------
+
+
+def percentile(values: Sequence[float], p: float) -> float:
+    """Linear interpolation between order statistics (numpy.percentile's default)."""
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * p / 100
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def cap_coef(norm: float, cap: float) -> float:
+    return cap / (norm + EPS) if norm > cap else 1.0
+
+
+def autoclip_reference(norms: Sequence[float], p: float, window: int, ceiling: float) -> list[float]:
+    history: list[float] = []
+    coefs = []
+    for norm in norms:
+        history = [*history, norm][-window:]  # the current norm enters first
+        coefs.append(cap_coef(norm, min(percentile(history, p), ceiling)))
+    return coefs
+
+
+def zclip_reference(
+    norms: Sequence[float], ceiling: float, alpha: float, z_t: float, warmup: int
+) -> tuple[list[float], list[tuple[float, float]]]:
+    """The ZClip authors' rule: warm-up buffer, then EMA of the (z-clipped) norm and its variance."""
+    buffer: list[float] = []
+    mean = var = math.nan
+    coefs, states = [], []
+    for norm in norms:
+        if len(buffer) < warmup:
+            buffer.append(norm)
+            cap = ceiling
+            mean = sum(buffer) / len(buffer)
+            var = sum((x - mean) ** 2 for x in buffer) / len(buffer)
+        else:
+            std = math.sqrt(var)
+            z = (norm - mean) / (std + EPS)
+            outlier = z > z_t
+            threshold = mean + z_t * std / (z / z_t) if outlier else math.inf
+            cap = min(threshold, ceiling)
+            x = threshold if outlier else norm
+            mean = alpha * mean + (1 - alpha) * x
+            var = alpha * var + (1 - alpha) * (x - mean) ** 2
+        coefs.append(cap_coef(norm, cap))
+        states.append((mean, var))
+    return coefs, states
+
+
+def adagc_reference(
+    tensor_norms: Sequence[Sequence[float]], lam_abs: float, lam_rel: float, beta: float, warmup: int
+) -> tuple[list[list[float]], list[list[float]]]:
+    gamma: list[float] = []
+    coefs, gammas = [], []
+    for step, norms in enumerate(tensor_norms):
+        if step < warmup:
+            h = cap_coef(math.sqrt(sum(a * a for a in norms)), lam_abs)
+            step_coefs = [h] * len(norms)
+            clipped = [a * h for a in norms]
+            gamma = clipped if step == 0 else [min(g, c) for g, c in zip(gamma, clipped, strict=True)]
+        else:
+            step_coefs = [
+                lam_rel * g / a if a > lam_rel * g else 1.0 for a, g in zip(norms, gamma, strict=True)
+            ]
+            clipped = [a * c for a, c in zip(norms, step_coefs, strict=True)]
+            gamma = [beta * g + (1 - beta) * c for g, c in zip(gamma, clipped, strict=True)]
+        coefs.append(step_coefs)
+        gammas.append(gamma)
+    return coefs, gammas
+
+
+# ---- the rules against them ----------------------------------------------------------------------------
+
+NORMS = [1.0, 1.3, 0.8, 1.1, 6.0, 0.9, 1.2, 40.0, 1.0, 0.7, 1.05, 3.0, 1.1]
+
+
+@pytest.mark.parametrize(
+    ("percentile_p", "window", "ceiling"), [(10, 4, math.inf), (50, 5, 2.0), (90, 100, 1.0)]
+)
+def test_quantile_matches_autoclip(percentile_p: float, window: int, ceiling: float) -> None:
+    clipper = GradientClipper("quantile", ceiling, percentile=percentile_p, window=window)
+    run_global(clipper, NORMS, autoclip_reference(NORMS, percentile_p, window, ceiling))
+
+
+def test_quantile_first_step_is_not_clipped_and_history_holds_the_norms() -> None:
+    clipper = GradientClipper("quantile", math.inf, window=3)
+    run_global(clipper, [5.0, 1.0, 2.0, 7.0], autoclip_reference([5.0, 1.0, 2.0, 7.0], 10, 3, math.inf))
+    state = clipper.state_dict()["rule"]
+    assert state["count"].item() == 4
+    assert sorted(state["norms"].tolist()) == pytest.approx([1.0, 2.0, 7.0])
+
+
+@pytest.mark.parametrize(("warmup", "ceiling"), [(3, math.inf), (4, 1.2), (2, 50.0)])
+def test_zscore_matches_zclip(warmup: int, ceiling: float) -> None:
+    clipper = GradientClipper("zscore", ceiling, warmup_steps=warmup)
+    coefs, states = zclip_reference(NORMS, ceiling, 0.97, 2.5, warmup)
+    params = make_params()
+    for step, (norm, coef, (mean, var)) in enumerate(zip(NORMS, coefs, states, strict=True)):
+        before = set_grads(params, [norm * share for share in SHARES])
+        with no_host_sync():
+            clipper(params)
+        assert_scaled(params, before, [coef] * len(params))
+        state = clipper.state_dict()["rule"]
+        assert state["step"].item() == step + 1
+        assert state["mean"].item() == pytest.approx(mean, rel=1e-5)
+        assert state["var"].item() == pytest.approx(var, rel=1e-4, abs=1e-9)
+
+
+def test_zscore_clips_an_outlier_below_the_plain_mu_plus_z_sigma_bound() -> None:
+    """The reciprocal rule: tau = mu + z_t^2 sigma / z < mu + z_t sigma, and a larger spike is cut harder."""
+    norms = [1.0, 1.2, 0.8, 1.1, 0.9]
+    coefs, states = zclip_reference([*norms, 10.0], math.inf, 0.97, 2.5, 5)
+    mean, var = states[4]
+    clipped = 10.0 * coefs[-1]
+    assert mean < clipped < mean + 2.5 * math.sqrt(var)
+    clipper = GradientClipper("zscore", math.inf, warmup_steps=5)
+    run_global(clipper, [*norms, 10.0], coefs)
+
+
+@pytest.mark.parametrize(("warmup", "lam_abs"), [(3, 2.0), (1, math.inf), (5, 1.5)])
+def test_adagc_matches_reference(warmup: int, lam_abs: float) -> None:
+    gen = torch.Generator().manual_seed(1)
+    tensor_norms = (0.5 + torch.rand(12, len(SHAPES), generator=gen, dtype=torch.float64)).tolist()
+    tensor_norms[1][2] = 4.0  # a spike during warm-up (global clipping)
+    tensor_norms[7][0] = 9.0  # and after it (that tensor alone)
+    tensor_norms[9] = [3.0, 3.0, 3.0]
+    coefs, gammas = adagc_reference(tensor_norms, lam_abs, 1.05, 0.98, warmup)
+    clipper = GradientClipper("adagc", lam_abs, warmup_steps=warmup)
+    params = make_params()
+    for step, (norms, step_coefs, gamma) in enumerate(zip(tensor_norms, coefs, gammas, strict=True)):
+        before = set_grads(params, norms)
+        with no_host_sync():
+            stats = clipper(params)
+        assert_scaled(params, before, step_coefs)
+        got = clipper.state_dict()["rule"]["gamma"].double()
+        torch.testing.assert_close(got, torch.tensor(gamma, dtype=torch.float64), rtol=1e-5, atol=0)
+        clipped = sum(c < 1.0 for c in step_coefs) / len(step_coefs)
+        assert stats.clipped_fraction.item() == pytest.approx(clipped), f"step {step}"
+        want_norm = math.sqrt(sum((a * c) ** 2 for a, c in zip(norms, step_coefs, strict=True)))
+        assert stats.clipped_grad_norm.item() == pytest.approx(want_norm, rel=1e-5)
+
+
+def test_adagc_refuses_a_changing_set_of_tensors() -> None:
+    clipper = GradientClipper("adagc", 1.0)
+    params = make_params()
+    set_grads(params, [1.0, 1.0, 1.0])
+    clipper(params)
+    params[1].grad = None
+    with pytest.raises(ValueError, match=r"adagc.*tracked 3 tensors and now got 2"):
+        clipper(params)
+
+
+@pytest.mark.parametrize("clipping_type", ["quantile", "zscore", "adagc"])
+def test_nonfinite_norm_leaves_the_statistics_untouched(clipping_type: str) -> None:
+    clipper = GradientClipper(
+        clipping_type, 10.0, **({} if clipping_type == "quantile" else {"warmup_steps": 2})
+    )
+    params = make_params()
+    for norm in [1.0, 2.0, 1.5]:
+        set_grads(params, [norm * share for share in SHARES])
+        clipper(params)
+    before = clipper.state_dict()
+    params[0].grad[0, 0] = math.nan
+    clipper(params)
+    after = clipper.state_dict()
+    for key, value in before["rule"].items():
+        assert torch.equal(value, after["rule"][key]) or torch.equal(
+            value.isnan(), after["rule"][key].isnan()
+        )
+
+
+# ---- state, checkpoints, API ---------------------------------------------------------------------------
+
+CASES = [
+    ("quantile", math.inf, {"window": 4}),
+    ("zscore", 5.0, {"warmup_steps": 3}),
+    ("adagc", 2.0, {"warmup_steps": 3}),
+    ("norm", 2.0, {"skip_spikes": 3.0, "spike_window": 4}),
+]
+
+
+@pytest.mark.parametrize(("clipping_type", "threshold", "options"), CASES)
+def test_state_dict_round_trip_continues_bitwise(clipping_type: str, threshold: float, options: dict) -> None:
+    """A clipper restored from a saved state (weights_only load) clips exactly as the original does."""
+    gen = torch.Generator().manual_seed(2)
+    sequence = (0.5 + torch.rand(14, len(SHAPES), generator=gen)).tolist()
+    sequence[9] = [8.0, 0.1, 9.0]
+    original = GradientClipper(clipping_type, threshold, **options)
+    params = make_params()
+    for norms in sequence[:6]:
+        set_grads(params, norms)
+        original(params)
+    buffer = io.BytesIO()
+    torch.save(original.state_dict(), buffer)
+    buffer.seek(0)
+    restored = GradientClipper(clipping_type, threshold, **options)
+    restored.load_state_dict(torch.load(buffer, weights_only=True))
+    twin = make_params()
+    for norms in sequence[6:]:
+        set_grads(params, norms)
+        set_grads(twin, norms)
+        stats, restored_stats = original(params), restored(twin)
+        assert stats.skipped == restored_stats.skipped
+        for got, want in zip(twin, params, strict=True):
+            assert (got.grad is None and want.grad is None) or torch.equal(got.grad, want.grad)
+    for part, state in original.state_dict().items():
+        for key, value in state.items():
+            assert torch.equal(restored.state_dict()[part][key], value)
+
+
+def test_state_dict_is_a_snapshot_and_empty_for_stateless_types() -> None:
+    assert GradientClipper("norm", 1.0).state_dict() == {}
+    clipper = GradientClipper("zscore", 1.0)
+    params = make_params()
+    set_grads(params, [1.0, 1.0, 1.0])
+    clipper(params)
+    saved = clipper.state_dict()
+    set_grads(params, [2.0, 2.0, 2.0])
+    clipper(params)
+    assert saved["rule"]["step"].item() == 1
+
+
+@pytest.mark.parametrize(
+    ("clipping_type", "state", "message"),
+    [
+        (
+            "zscore",
+            {"rule": {"step": torch.tensor(1)}},
+            r"state.rule: expected keys mean, step, var, got step",
+        ),
+        (
+            "quantile",
+            {"rule": {"norms": torch.zeros(5), "count": torch.tensor(1)}},
+            r"state.rule.norms: .*\(1000,\)",
+        ),
+        ("norm", {"rule": {"step": torch.tensor(1)}}, r"clipping_type='norm' keeps none"),
+        ("zscore", {"spikes": {}}, r"holds a spike window, but skip_spikes is not set"),
+        ("zscore", {"ema": {}}, r"state: unknown key\(s\) ema; allowed: rule, spikes"),
+    ],
+)
+def test_load_state_dict_refuses_other_settings(clipping_type: str, state: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        GradientClipper(clipping_type, 1.0).load_state_dict(state)
+
+
+def test_state_lives_on_the_grads_device_and_follows_a_cpu_load() -> None:
+    clipper = GradientClipper("zscore", 1.0)
+    params = make_params()
+    set_grads(params, [1.0, 1.0, 1.0])
+    clipper(params)
+    assert all(value.device == params[0].grad.device for value in clipper.state_dict()["rule"].values())
+
+
+@pytest.mark.parametrize("clipping_type", ["quantile", "zscore", "adagc"])
+def test_functional_api_refuses_stateful_types(clipping_type: str) -> None:
+    param = nn.Parameter(torch.ones(3))
+    param.grad = torch.ones(3)
+    with pytest.raises(
+        ValueError, match=rf"clipping_type='{clipping_type}' keeps statistics.*GradientClipper"
+    ):
+        apply_gradient_clipping(param, clipping_type, 1.0)
+
+
+# ---- validation ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("clipping_type", "options", "message"),
+    [
+        ("quantile", {"percentile": 0}, r"percentile: expected a number in \(0, 100\], got 0"),
+        ("quantile", {"percentile": 101.0}, r"percentile: expected a number in \(0, 100\], got 101.0"),
+        ("quantile", {"percentile": "10"}, r"percentile: expected a number in \(0, 100\], got '10' \(str\)"),
+        ("quantile", {"window": 1}, r"window: expected an integer >= 2, got 1"),
+        ("quantile", {"window": 10.0}, r"window: expected an integer >= 2, got 10.0"),
+        ("zscore", {"alpha": 1.0}, r"alpha: expected a number in \(0, 1\), got 1.0"),
+        ("zscore", {"alpha": True}, r"alpha: expected a number in \(0, 1\), got True"),
+        ("zscore", {"z_threshold": -2.5}, r"z_threshold: expected a number > 0 and finite, got -2.5"),
+        ("zscore", {"warmup_steps": 1}, r"warmup_steps: expected an integer >= 2, got 1"),
+        ("adagc", {"relative_threshold": 0}, r"relative_threshold: expected a number > 0 and finite, got 0"),
+        ("adagc", {"beta": 0.0}, r"beta: expected a number in \(0, 1\), got 0.0"),
+        ("adagc", {"warmup_steps": 0}, r"warmup_steps: expected an integer >= 1, got 0"),
+        ("adagc", {"warmup_steps": True}, r"warmup_steps: expected an integer >= 1, got True"),
+    ],
+)
+def test_bad_options_name_field_value_and_allowed(clipping_type: str, options: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        GradientClipper(clipping_type, 1.0, **options)
+
+
+@pytest.mark.parametrize("clipping_type", ["quantile", "zscore", "adagc"])
+def test_threshold_may_be_inf_for_statistics_types_only(clipping_type: str) -> None:
+    assert GradientClipper(clipping_type, math.inf).clipping_threshold == math.inf
+    with pytest.raises(ValueError, match=r"clipping_threshold: expected a number > 0, got -inf"):
+        GradientClipper(clipping_type, -math.inf)
+    with pytest.raises(ValueError, match=r"clipping_threshold: expected a number > 0 and finite, got inf"):
+        GradientClipper("norm", math.inf)
+
+
+def test_options_of_one_type_are_refused_by_another() -> None:
+    with pytest.raises(TypeError, match=r"clipping_type='quantile' got unknown option\(s\) alpha"):
+        GradientClipper("quantile", 1.0, alpha=0.9)
+
+
+def test_repr_names_the_statistics_settings() -> None:
+    assert repr(GradientClipper("zscore", math.inf)) == (
+        "GradientClipper(clipping_type='zscore', clipping_threshold=inf, alpha=0.97, z_threshold=2.5, "
+        "warmup_steps=25)"
+    )
+
+
+# ---- distributed: the statistics are the same on every rank and equal to one process's -----------------
+
+DISTRIBUTED_CASES = {
+    "quantile": ("quantile", math.inf, {"window": 3}),
+    "zscore": ("zscore", math.inf, {"warmup_steps": 2}),
+    "adagc": ("adagc", 0.5, {"warmup_steps": 2}),
+    "spikes": ("norm", 10.0, {"skip_spikes": 2.0, "spike_window": 4}),
+}
+DISTRIBUTED_STEPS = 7
+
+
+def _tiny_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def _batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank ``rank``'s half of step ``step``'s batch of 8; step 4 is a spike."""
+    gen = torch.Generator().manual_seed(step)
+    inputs, targets = torch.randn(8, 6, generator=gen), torch.randn(8, 3, generator=gen)
+    if step == 4:
+        targets = targets * 30
+    return inputs[4 * rank : 4 * rank + 4], targets[4 * rank : 4 * rank + 4]
+
+
+def _whole_grads(model: nn.Module) -> list[torch.Tensor]:
+    """Copies of the unsharded grads (``full_tensor()`` of FSDP2's DTensors: a collective)."""
+    return [getattr(p.grad, "full_tensor", p.grad.clone)() for p in model.parameters()]
+
+
+def _clip_steps(clipper: GradientClipper, model: nn.Module, set_grads_of_step: Callable[[int], None]) -> dict:
+    norms, skipped = [], []
+    for step in range(DISTRIBUTED_STEPS):
+        set_grads_of_step(step)
+        stats = clipper(model)
+        norms += [stats.grad_norm.item(), stats.clipped_grad_norm.item()]
+        skipped.append(stats.skipped)
+    return {"norms": norms, "skipped": skipped, "state": clipper.state_dict()}
+
+
+def _run_case(model: nn.Module, case: str, rank: int) -> dict[str, object]:
+    """Clip the grads of real backward passes; also return the whole grads each step got before clipping."""
+    clipping_type, threshold, options = DISTRIBUTED_CASES[case]
+    whole: list[list[torch.Tensor]] = []
+
+    def backward(step: int) -> None:
+        model.zero_grad(set_to_none=True)
+        inputs, targets = _batch(step, rank)
+        nn.functional.mse_loss(model(inputs), targets).backward()
+        whole.append(_whole_grads(model))
+
+    result = _clip_steps(GradientClipper(clipping_type, threshold, **options), model, backward)
+    return {**result, "grads": whole}
+
+
+def _replay_case(case: str, grads: list[list[torch.Tensor]]) -> dict[str, object]:
+    """One process clipping the same whole grads."""
+    clipping_type, threshold, options = DISTRIBUTED_CASES[case]
+    model = _tiny_model()
+
+    def assign(step: int) -> None:
+        for param, grad in zip(model.parameters(), grads[step], strict=True):
+            param.grad = grad.clone()
+
+    return _clip_steps(GradientClipper(clipping_type, threshold, **options), model, assign)
+
+
+def _distributed_worker(rank: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    results = {}
+    for case in DISTRIBUTED_CASES:
+        results["ddp", case] = _run_case(nn.parallel.DistributedDataParallel(_tiny_model()), case, rank)
+        model = _tiny_model()
+        for layer in (model[0], model[2]):
+            fully_shard(layer, mesh=init_device_mesh("cpu", (2,)))
+        fully_shard(model, mesh=init_device_mesh("cpu", (2,)))
+        results["fsdp2", case] = _run_case(model, case, rank)
+    torch.save(results, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_statistics_are_identical_on_every_rank_under_ddp_and_fsdp2(tmp_path: object) -> None:
+    import torch.multiprocessing as mp
+
+    mp.spawn(_distributed_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
+    for case in DISTRIBUTED_CASES:
+        for layout in ("ddp", "fsdp2"):
+            first, second = ranks[0][layout, case], ranks[1][layout, case]
+            assert _states_equal(first, second), (layout, case)
+            reference = _replay_case(case, first["grads"])
+            assert any(reference["skipped"]) == (case == "spikes")
+            assert first["skipped"] == reference["skipped"], (layout, case)
+            assert first["norms"] == pytest.approx(reference["norms"], rel=1e-5), (layout, case)
+            for part, state in reference["state"].items():
+                for key, value in state.items():
+                    torch.testing.assert_close(
+                        first["state"][part][key], value, rtol=1e-5, atol=0, equal_nan=True
+                    )
+
+
+def _states_equal(first: dict, second: dict) -> bool:
+    """Bitwise equal norms, skips and state tensors (NaN slots of an unfilled window included)."""
+    return (
+        first["norms"] == second["norms"]
+        and first["skipped"] == second["skipped"]
+        and all(
+            torch.equal(value.nan_to_num(), second["state"][part][key].nan_to_num())
+            for part, state in first["state"].items()
+            for key, value in state.items()
+        )
+    )
