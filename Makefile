@@ -6,7 +6,7 @@ CORE_VENV := .venv-core
 # The newest torch on this machine, for the torch-only run of the core tests.
 CORE_TORCH ?= torch==2.13.0
 
-.PHONY: test test-core lint demo bench clean
+.PHONY: test test-core lint demo bench spikes clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ demo: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(VENV)/bin/python -m benchmarks.bench_clipping
+
+# A bad batch in the adding problem: no clipping, a fixed norm threshold and the statistics-driven types.
+spikes: $(VENV)/.installed
+	$(VENV)/bin/python examples/spike_comparison.py
 
 clean:
 	rm -rf $(VENV) $(CORE_VENV) runs .pytest_cache .ruff_cache

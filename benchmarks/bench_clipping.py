@@ -46,7 +46,7 @@ class Settings:
     trainer_steps_per_block: int
 
 
-FULL = Settings(FULL_CASES, rounds=15, warmup_rounds=1, trainer_blocks=10, trainer_steps_per_block=30)
+FULL = Settings(FULL_CASES, rounds=30, warmup_rounds=1, trainer_blocks=15, trainer_steps_per_block=30)
 SMOKE = Settings(SMOKE_CASES, rounds=2, warmup_rounds=1, trainer_blocks=1, trainer_steps_per_block=2)
 
 

@@ -79,8 +79,9 @@ def make_model(case: Case, device: torch.device, dtype: torch.dtype, seed: int =
 def clipping_thresholds(model: nn.Module) -> dict[str, float]:
     """λ per clipping type, each active on the grads of ``make_model``.
 
-    norm: half the global L2 norm (every grad is halved); value: 1e-3 (the tensors with s >= 1e-3 are
-    clamped); adaptive: 0.01, the paper's λ (units whose ‖G_u‖/‖W_u‖ > 0.01, i.e. s > 2e-4, are rescaled).
+    norm: half the global L2 norm (every grad is halved); value: 1e-3 (it clamps elements of the
+    tensors with s >= 1e-3); adaptive: 0.01, the paper's λ (units whose ‖G_u‖/‖W_u‖ > 0.01, i.e. whose
+    s > 2e-4, are rescaled).
     """
     grads = [param.grad for param in model.parameters()]
     return {

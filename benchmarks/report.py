@@ -61,7 +61,8 @@ def case_table(result: CaseResult) -> str:
     lines = [
         f"### {result.title}",
         "",
-        "| clipping | implementation | median ms | quartiles ms | ours ÷ this | peak extra memory, % of grads |",
+        "| clipping | implementation | median ms | quartiles ms | ours ÷ this "
+        "| peak extra memory, % of grads |",
         "| --- | --- | ---: | ---: | ---: | ---: |",
     ]
     floor = result.floor_rows()
@@ -84,7 +85,8 @@ def case_table(result: CaseResult) -> str:
     )
     lines += [
         "",
-        f"Thresholds, and what ours clipped (norm: all or nothing; value: elements; adaptive: units): {clipped}.",
+        f"Thresholds, and what ours clipped (norm: all or nothing; value: elements; adaptive: units): "
+        f"{clipped}.",
     ]
     return "\n".join(lines)
 
@@ -101,7 +103,10 @@ def overhead_table(step_times: list[StepTime], parameters: int) -> str:
             f"| {step.label} | {step.median_s * MS:.2f} | {step.overhead_s * MS:+.2f} "
             f"| {100 * step.overhead_share:+.1f} % |"
         )
-    lines.append(f"\n{step_times[0].steps} timed steps per configuration.")
+    first = step_times[0]
+    lines.append(
+        f"\nMedians over {first.blocks} timed blocks of {first.steps_per_block} steps per configuration."
+    )
     return "\n".join(lines)
 
 
@@ -122,7 +127,8 @@ def machine_description() -> str:
     load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
     packages = ", ".join(f"{name} {version(name)}" for name in ("torch", "mosaicml", "timm"))
     return (
-        f"- Machine: {cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads; GPU: {gpu}\n"
+        f"- Machine: {cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+        f"GPU: {gpu}\n"
         f"- Software: Python {platform.python_version()}, {packages}\n"
         f"- Load average (1, 5, 15 min) at the end: {load}\n"
         f"- Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"
@@ -152,10 +158,14 @@ How it is measured (`benchmarks/`):
   before it, in % of the grads' bytes. On CPU it is read from the allocator events that
   `torch.profiler.profile(profile_memory=True)` records (+bytes per allocation, -bytes per free, summed in
   time order); on CUDA from `torch.cuda.max_memory_allocated`.
-- Training-step overhead: three Composer `Trainer`s (no clipping, Composer's `GradientClipping`,
-  `gradclip_algo.GradientClipping`) train the same MLP on the same data; blocks of steps alternate between
-  them (one warm-up block each); a step is timed from `BATCH_START` to `BATCH_END` (forward, backward,
-  clipping, optimizer step) and the overhead is the difference of medians to the run without clipping.
+- Training-step overhead: one Composer `Trainer` per configuration (no clipping, Composer's
+  `GradientClipping`, `gradclip_algo.GradientClipping` logging every step and every 100 steps) trains the
+  same MLP on the same data; blocks of steps alternate between them (one warm-up block each); a step is
+  timed from `BATCH_START` to `BATCH_END` (forward, backward, clipping, optimizer step). The step time is
+  the median of the block medians; the overhead is the median over blocks of (block median - the block
+  median without clipping), which cancels drifts in machine load between blocks.
+- Reading the tables: `ours ÷ this` is gradclip_algo's median over this row's median, so below 1 means
+  gradclip_algo is faster; on the floor row it is how many floors gradclip_algo takes.
 """
 
 

@@ -38,39 +38,47 @@ class StepTimer(Callback):
 
 @dataclass(frozen=True)
 class StepTime:
-    """Median step time of one configuration and its difference to the run without clipping."""
+    """Median step time of one configuration and its overhead over the run without clipping."""
 
     label: str
     median_s: float
     overhead_s: float
     overhead_share: float
-    steps: int
+    blocks: int
+    steps_per_block: int
 
 
 CONFIGURATIONS: dict[str, Callable[[], list[Algorithm]]] = {
     NO_CLIPPING: list,
     f"composer GradientClipping('norm', {THRESHOLD})": lambda: [ComposerGradientClipping("norm", THRESHOLD)],
     f"gradclip_algo GradientClipping('norm', {THRESHOLD})": lambda: [GradientClipping("norm", THRESHOLD)],
+    f"gradclip_algo GradientClipping('norm', {THRESHOLD}, log_interval=100)": lambda: [
+        GradientClipping("norm", THRESHOLD, log_interval=100)
+    ],
 }
+"""Each makes the algorithms of one ``Trainer``; gradclip_algo's logs every step unless told otherwise."""
 
 
-def mlp_parameter_count() -> int:
-    return (FEATURES + 1) * HIDDEN + (HIDDEN + 1) * HIDDEN + (HIDDEN + 1) * CLASSES
-
-
-def _trainer(algorithms: list[Algorithm], timer: StepTimer) -> Trainer:
-    generator = torch.Generator().manual_seed(0)
-    inputs = torch.randn(32 * BATCH, FEATURES, generator=generator)
-    targets = torch.randint(0, CLASSES, (32 * BATCH,), generator=generator)
+def _mlp() -> nn.Sequential:
     torch.manual_seed(0)
-    module = nn.Sequential(
+    return nn.Sequential(
         nn.Linear(FEATURES, HIDDEN),
         nn.ReLU(),
         nn.Linear(HIDDEN, HIDDEN),
         nn.ReLU(),
         nn.Linear(HIDDEN, CLASSES),
     )
-    model = ComposerClassifier(module, num_classes=CLASSES)
+
+
+def mlp_parameter_count() -> int:
+    return sum(param.numel() for param in _mlp().parameters())
+
+
+def _trainer(algorithms: list[Algorithm], timer: StepTimer) -> Trainer:
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(32 * BATCH, FEATURES, generator=generator)
+    targets = torch.randint(0, CLASSES, (32 * BATCH,), generator=generator)
+    model = ComposerClassifier(_mlp(), num_classes=CLASSES)
     return Trainer(
         model=model,
         train_dataloader=DataLoader(TensorDataset(inputs, targets), batch_size=BATCH),
@@ -86,21 +94,29 @@ def _trainer(algorithms: list[Algorithm], timer: StepTimer) -> Trainer:
 
 
 def measure_step_overhead(blocks: int, steps_per_block: int) -> list[StepTime]:
-    """Median step time per configuration; blocks of ``steps_per_block`` steps alternate between the
-    configurations (one ``Trainer`` each, trained on with ``fit(duration=...)``); the first block is warm-up.
+    """Median step time per configuration, and its overhead over the run without clipping.
+
+    Blocks of ``steps_per_block`` steps alternate between the configurations (one ``Trainer`` each, trained
+    on with ``fit(duration=...)``); the first block is warm-up. The overhead is the median over blocks of
+    the difference of block medians, so a drift in machine load between blocks cancels out.
     """
     timers = {label: StepTimer() for label in CONFIGURATIONS}
     trainers = {label: _trainer(make(), timers[label]) for label, make in CONFIGURATIONS.items()}
+    block_medians: dict[str, list[float]] = {label: [] for label in CONFIGURATIONS}
     for block in range(blocks + 1):
         for label, trainer in trainers.items():
+            timers[label].seconds.clear()
             trainer.fit(duration=f"{steps_per_block}ba")
-            if block == 0:
-                timers[label].seconds.clear()
+            if block > 0:
+                block_medians[label].append(statistics.median(timers[label].seconds))
     for trainer in trainers.values():
         trainer.close()
-    medians = {label: statistics.median(timer.seconds) for label, timer in timers.items()}
-    baseline = medians[NO_CLIPPING]
-    return [
-        StepTime(label, median, median - baseline, (median - baseline) / baseline, len(timers[label].seconds))
-        for label, median in medians.items()
-    ]
+    baseline = block_medians[NO_CLIPPING]
+    results = []
+    for label, medians in block_medians.items():
+        overhead = statistics.median(m - b for m, b in zip(medians, baseline, strict=True))
+        median = statistics.median(medians)
+        results.append(
+            StepTime(label, median, overhead, overhead / statistics.median(baseline), blocks, steps_per_block)
+        )
+    return results

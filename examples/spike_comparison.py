@@ -1,4 +1,4 @@
-"""A gradient spike in the adding problem: no clipping, a fixed norm threshold, and the statistics-driven types.
+"""A gradient spike in the adding problem: no clipping, a fixed norm threshold, the statistics-driven types.
 
 One bad batch (its targets multiplied by ``--factor``) arrives at step ``--spike-step`` of a run that
 otherwise trains stably. The fixed threshold λ of ``'norm'`` comes from ``gradclip-calibrate``'s rule (the
@@ -58,15 +58,31 @@ class Outcome:
         losses = [r.loss for r in self.records if first <= r.step <= last]
         return sum(losses) / len(losses) if all(map(math.isfinite, losses)) else math.inf
 
-    def recovery_steps(self, spike_step: int, before: float) -> int | None:
-        """Steps after the spike until the 20-step mean loss is back under ``before`` (None: never)."""
+    @property
+    def clipped_steps(self) -> int:
+        return sum(r.clipped for r in self.records)
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps whose grads were all dropped: the optimizer got none (norm 0) though there were some."""
+        return sum(r.grad_norm > 0 and r.clipped_grad_norm == 0 for r in self.records)
+
+    def recovery_steps(self, spike_step: int, window: int = 10) -> int | None:
+        """Steps after the spike until the mean loss of the last ``window`` steps (all after it) is back at
+        the mean of the 100 steps before it; ``None``: never."""
+        before = self.loss_around(spike_step - 100, spike_step - 1)
         for record in self.records:
-            if record.step > spike_step and self.loss_around(record.step - 19, record.step) <= before:
+            if (
+                record.step >= spike_step + window
+                and self.loss_around(record.step - window + 1, record.step) <= before
+            ):
                 return record.step - spike_step
         return None
 
 
-def run(config: RunConfig, algorithms: dict[str, Any], label: str, bad_batch: BadBatch, folder: Path) -> Outcome:
+def run(
+    config: RunConfig, algorithms: dict[str, Any], label: str, bad_batch: BadBatch, folder: Path
+) -> Outcome:
     parts = build_parts(replace(config, algorithms=algorithms))
     recorder = StepMetricsRecorder(folder / f"{label}.csv")
     trainer = Trainer(
@@ -96,62 +112,79 @@ def settings(config: RunConfig, calibration_steps: int) -> dict[str, dict[str, A
     return {
         "none": {},
         f"norm λ={norm.clipping_threshold:g}": {"gradient_clipping": fixed},
-        f"norm λ={norm.clipping_threshold:g} + skip_spikes=6": {"gradient_clipping": {**fixed, "skip_spikes": 6.0}},
+        f"norm λ={norm.clipping_threshold:g} + skip_spikes=6": {
+            "gradient_clipping": {**fixed, "skip_spikes": 6.0}
+        },
         "quantile p10": {"gradient_clipping": {"clipping_type": "quantile", **unbounded}},
         "zscore z2.5": {"gradient_clipping": {"clipping_type": "zscore", **unbounded}},
         "adagc": {"gradient_clipping": {"clipping_type": "adagc", **unbounded}},
     }
 
 
+def _rolling_mean(values: list[float], width: int) -> list[float]:
+    return [
+        sum(values[max(0, i - width + 1) : i + 1]) / (i + 1 - max(0, i - width + 1))
+        for i in range(len(values))
+    ]
+
+
 def plot(outcomes: Sequence[Outcome], spike_step: int, path: Path) -> None:
+    """Training loss (20-step mean) and the grad norm SGD got, per step; y ranges cut to the useful part."""
     figure = Figure(figsize=(11, 7), layout="constrained")
     loss_axis, norm_axis = figure.subplots(2, 1, sharex=True)
     for index, outcome in enumerate(outcomes):
         steps = [r.step for r in outcome.records]
-        finite = [(s, r) for s, r in zip(steps, outcome.records, strict=True) if math.isfinite(r.loss)]
-        loss_axis.plot([s for s, _ in finite], [r.loss for _, r in finite], lw=0.7, color=f"C{index}")
-        norm_axis.plot(steps, [r.clipped_grad_norm for r in outcome.records], lw=0.7, color=f"C{index}",
-                       label=outcome.label)
+        losses = _rolling_mean([r.loss if math.isfinite(r.loss) else math.nan for r in outcome.records], 20)
+        loss_axis.plot(steps, losses, lw=0.9, color=f"C{index}", label=outcome.label)
+        norms = [r.clipped_grad_norm for r in outcome.records]
+        norm_axis.plot(steps, norms, lw=0.6, color=f"C{index}", label=outcome.label)
     for axis in (loss_axis, norm_axis):
         axis.axvline(spike_step, color="grey", ls="--", lw=1)
         axis.grid(True, alpha=0.3)
-    loss_axis.axhline(MEAN_PREDICTOR_MSE, color="grey", ls=":", lw=1.5)
-    loss_axis.set(yscale="log", ylabel="training loss (MSE)",
-                  title=f"adding problem, bad batch at step {spike_step} (grey dashes)")
-    norm_axis.set(yscale="log", ylabel="grad L2 norm given to SGD", xlabel="optimizer step")
-    norm_axis.legend(fontsize="small", ncol=2)
+    loss_axis.axhline(MEAN_PREDICTOR_MSE, color="grey", ls=":", lw=1.5, label="predicting the mean (1/6)")
+    loss_axis.set(
+        yscale="log",
+        ylim=(1e-2, 1e2),
+        ylabel="training loss (MSE, 20-step mean)",
+        title=f"adding problem, bad batch at step {spike_step} (grey dashes)",
+    )
+    norm_axis.set(yscale="log", ylim=(1e-2, 1e4), ylabel="grad L2 norm given to SGD", xlabel="optimizer step")
+    loss_axis.legend(fontsize="small", ncol=2, loc="upper left")
     figure.savefig(path, dpi=110)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parse = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parse.add_argument("--config", default="configs/demo_unclipped.yaml")
-    parse.add_argument("--spike-step", type=int, default=1000)
-    parse.add_argument("--factor", type=float, default=100.0)
-    parse.add_argument("--calibration-steps", type=int, default=200)
-    parse.add_argument("--out", type=Path, default=Path("runs/spike_comparison.png"))
-    parse.add_argument("overrides", nargs="*", default=list(DEFAULT_OVERRIDES))
+    parse.add_argument("--config", default="configs/demo_unclipped.yaml", help="a gradclip-train run config")
+    parse.add_argument("--spike-step", type=int, default=1000, help="optimizer step of the bad batch")
+    parse.add_argument(
+        "--factor", type=float, default=100.0, help="what the bad batch's targets are multiplied by"
+    )
+    parse.add_argument("--calibration-steps", type=int, default=200, help="unclipped steps that set norm's λ")
+    parse.add_argument("--out", type=Path, default=Path("runs/spike_comparison.png"), help="the PNG to write")
+    parse.add_argument(
+        "overrides", nargs="*", help=f"config overrides, applied after {' '.join(DEFAULT_OVERRIDES)}"
+    )
     args = parse.parse_intermixed_args(argv)
-    config = load_run_config(args.config, args.overrides)
+    config = load_run_config(args.config, [*DEFAULT_OVERRIDES, *args.overrides])
     bad_batch = BadBatch(args.spike_step, args.factor)
     outcomes = []
     with tempfile.TemporaryDirectory() as folder:
         for label, algorithms in settings(config, args.calibration_steps).items():
             outcomes.append(run(config, algorithms, label, bad_batch, Path(folder)))
-    before = outcomes[0].loss_around(args.spike_step - 100, args.spike_step - 1)
     print(f"bad batch: targets x{args.factor:g} at step {args.spike_step}; {config.max_duration} of SGD")
     header = f"{'clipping':<34}{'norm at spike':>14}{'after clip':>11}{'loss +1..50':>12}{'recovered':>10}"
     print(header + f"{'final loss':>11}{'eval MSE':>10}{'clipped':>8}{'skipped':>8}")
     for outcome in outcomes:
         spike = next(r for r in outcome.records if r.step == args.spike_step)
-        recovered = outcome.recovery_steps(args.spike_step, before)
+        recovered = outcome.recovery_steps(args.spike_step)
         last = outcome.records[-1].step
         print(
             f"{outcome.label:<34}{spike.grad_norm:>14.4g}{spike.clipped_grad_norm:>11.4g}"
             f"{outcome.loss_around(args.spike_step + 1, args.spike_step + 50):>12.4g}"
             f"{'never' if recovered is None else f'{recovered} st':>10}"
             f"{outcome.loss_around(last - 49, last):>11.4g}{outcome.eval_mse:>10.4g}"
-            f"{sum(r.clipped for r in outcome.records):>8}{sum(r.grad_norm > 0 and r.clipped_grad_norm == 0 for r in outcome.records):>8}"
+            f"{outcome.clipped_steps:>8}{outcome.skipped_steps:>8}"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     plot(outcomes, args.spike_step, args.out)

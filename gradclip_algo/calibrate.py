@@ -90,16 +90,16 @@ class Measurements:
         with path.open("w", newline="") as file:
             writer = csv.writer(file)
             writer.writerow(["step", "grad_norm", "max_abs_grad", "weight_norm"])
-            for step, row in enumerate(zip(self.grad_norms, self.max_abs_grads, self.weight_norms), start=1):
-                writer.writerow([step, *(float(value) for value in row)])
+            rows = torch.stack([self.grad_norms, self.max_abs_grads, self.weight_norms], dim=1).tolist()
+            for step, row in enumerate(rows, start=1):
+                writer.writerow([step, *row])
 
 
 @dataclass(frozen=True)
 class Statistics:
-    """Statistics of the finite values of a series; ``nonfinite`` counts the others."""
+    """Statistics of a series of finite values (the standard deviation with ddof 1)."""
 
     count: int
-    nonfinite: int
     mean: float
     std: float
     percentiles: dict[float, float]
@@ -107,20 +107,13 @@ class Statistics:
 
     @classmethod
     def of(cls, values: Tensor) -> Statistics:
-        finite = values[torch.isfinite(values)]
-        if finite.numel() < MIN_STEPS:
-            raise CalibrationError(
-                f"only {finite.numel()} of {values.numel()} steps had a finite gradient norm; the run diverged "
-                "before it could be measured: lower optimizer.lr or check the config"
-            )
         levels = torch.tensor(SUMMARY_PERCENTILES, dtype=torch.float64) / 100
         return cls(
-            count=finite.numel(),
-            nonfinite=values.numel() - finite.numel(),
-            mean=finite.mean().item(),
-            std=finite.std().item(),
-            percentiles=dict(zip(SUMMARY_PERCENTILES, torch.quantile(finite, levels).tolist(), strict=True)),
-            max=finite.max().item(),
+            count=values.numel(),
+            mean=values.mean().item(),
+            std=values.std().item(),
+            percentiles=dict(zip(SUMMARY_PERCENTILES, torch.quantile(values, levels).tolist(), strict=True)),
+            max=values.max().item(),
         )
 
     @property
@@ -131,8 +124,7 @@ class Statistics:
         parts = [f"mean {self.mean:.4g}", f"std {self.std:.4g}", f"median {self.median:.4g}"]
         parts += [f"p{p:g} {value:.4g}" for p, value in self.percentiles.items() if p != 50.0]
         parts.append(f"max {self.max:.4g}")
-        skipped = f" ({self.nonfinite} non-finite left out)" if self.nonfinite else ""
-        return ", ".join(parts) + skipped
+        return ", ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -167,11 +159,23 @@ def _rounded(value: float) -> float:
 
 
 def recommend(measured: Measurements) -> list[Recommendation]:
-    """A setting for every clipping type, from the measurements of an unclipped run."""
+    """A setting for every clipping type, from the measurements of an unclipped run.
+
+    Raises:
+        CalibrationError: the run diverged (a norm was inf or NaN): its numbers would recommend nothing.
+    """
+    nonfinite = (~torch.isfinite(measured.grad_norms)).nonzero()
+    if nonfinite.numel():
+        step = nonfinite[0].item() + 1
+        raise CalibrationError(
+            f"the unclipped run diverged: its gradient norm was inf or NaN from step {step} on (step 1: "
+            f"{measured.grad_norms[0].item():.3g}, largest finite: "
+            f"{measured.grad_norms[torch.isfinite(measured.grad_norms)].max().item():.3g}); thresholds measured "
+            "on a diverging run mean nothing: calibrate where the run is stable, e.g. with a lower optimizer.lr"
+        )
     norms = Statistics.of(measured.grad_norms)
     largest = Statistics.of(measured.max_abs_grads)
-    unit_ratios = measured.unit_ratio_quantiles.flatten()
-    agc = torch.quantile(unit_ratios[torch.isfinite(unit_ratios)], AGC_PERCENTILE / 100).item()
+    agc = torch.quantile(measured.unit_ratio_quantiles.flatten(), AGC_PERCENTILE / 100).item()
     ceiling = _rounded(norms.max)
     ceiling_reason = (
         f"clipping_threshold {ceiling:g}, the largest norm of the unclipped run, is a ceiling that steps like "
@@ -226,11 +230,13 @@ def recommend(measured: Measurements) -> list[Recommendation]:
 
 def plot_calibration(measured: Measurements, recommendations: Sequence[Recommendation], path: Path) -> None:
     """Norm per step (left) and the histogram of the norms (right), log scales, with the thresholds."""
-    norms = measured.grad_norms[torch.isfinite(measured.grad_norms)]
+    norms = measured.grad_norms
+    by_type = {r.clipping_type: r.clipping_threshold for r in recommendations}
+    p10 = torch.quantile(norms, 0.1).item()
     lines = {
-        f"norm: λ = {recommendations[0].clipping_threshold:g} (mean)": recommendations[0].clipping_threshold,
-        f"ceiling: {recommendations[3].clipping_threshold:g} (max)": recommendations[3].clipping_threshold,
-        f"p10: {torch.quantile(norms, 0.1).item():.3g}": torch.quantile(norms, 0.1).item(),
+        f"norm: λ = {by_type['norm']:g} (the mean)": by_type["norm"],
+        f"ceiling of quantile, zscore, adagc: {by_type['zscore']:g} (the max)": by_type["zscore"],
+        f"p10 (AutoClip's percentile): {p10:.3g}": p10,
     }
     figure = Figure(figsize=(11, 4), layout="constrained")
     trajectory, histogram = figure.subplots(1, 2, width_ratios=(2, 1))
@@ -340,7 +346,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"            -> {path}")
     plot_calibration(measured, recommendations, folder / "calibration.png")
     print(f"plot: {folder / 'calibration.png'}")
-    print(f"use one: gradclip-train {args.config} {recommendations[0].overrides()}")
+    print(
+        f"use one: gradclip-train {' '.join([args.config, *args.overrides, recommendations[0].overrides()])}"
+    )
     return 0
 
 

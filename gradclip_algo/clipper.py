@@ -63,6 +63,7 @@ class GradientClipper:
         self.state: dict[str, Any] | None = None
         self.spike_state: dict[str, Any] | None = None
 
+    @torch.no_grad()
     def __call__(self, parameters: Parameters, with_stats: bool = True) -> ClipStats | None:
         """Clip the grads of ``parameters`` in place and return what was done.
 
@@ -105,6 +106,11 @@ class GradientClipper:
         _move_to_(self.state, shards.device)
         stats = self.rule.clip(shards, self.clipping_threshold, self.state, **self.rule_options)
         return stats if with_stats else None
+
+    @property
+    def stateful(self) -> bool:
+        """Whether the clipper keeps statistics from call to call (a stateful rule, or spike skipping)."""
+        return self.rule.stateful or self.skip_spikes is not None
 
     def state_dict(self) -> dict[str, Any]:
         """``rule``: the rule's statistics, ``spikes``: the spike window; each present once it exists.

@@ -1,10 +1,12 @@
 """The local pieces of (possibly sharded) parameters, and the reductions that make their norms global.
 
-- One process, or DDP: every rank holds whole, identical grads; nothing is reduced.
-- FSDP2 (``fully_shard``): parameters and grads are DTensors sharded on dim 0 of a 1-D mesh; rules work on
-  ``to_local()`` views and sums are all-reduced over the mesh's group.
+- One process, DDP, or FSDP1 ``NO_SHARD``: every rank holds whole, identical grads; nothing is reduced.
+- FSDP2 (``fully_shard``): parameters and grads are DTensors sharded on dim 0 of a 1-D mesh (one mesh or
+  one per ``fully_shard`` call, over one process group); rules work on ``to_local()`` views and sums are
+  all-reduced over that group. 2-D meshes (hybrid sharding, tensor parallelism) are refused.
 - FSDP1 (``FullyShardedDataParallel``): each rank holds a flat 1-D slice of every parameter; sums are
-  all-reduced over the wrapper's process group. AGC needs whole units and is refused there.
+  all-reduced over the wrapper's process group, which only the module knows: FSDP1 parameters passed
+  without it are refused. AGC needs whole units and is refused there.
 """
 
 from __future__ import annotations
@@ -120,10 +122,15 @@ def local_shards(params: Sequence[Tensor], module: nn.Module | None = None) -> S
             group=next(iter(groups.values())),
             layout="fsdp1",
         )
+    if module is None and any(getattr(p, "_fsdp_flattened", False) for p in params):  # FSDP1 marks its params
+        raise ValueError(
+            "parameters: FSDP1 (FullyShardedDataParallel) parameters were passed without their module; pass "
+            "the wrapped module itself, so that norms are summed over its process group"
+        )
     dtensor = _dtensor_type()
     if dtensor is None or not any(isinstance(p, dtensor) for p in params):
         n = len(params)
-        return Shards([p.detach() for p in params], [p.grad for p in params], [False] * n, [True] * n)
+        return Shards(list(params), [p.grad for p in params], [False] * n, [True] * n)  # read under no_grad
     return _dtensor_shards(params, dtensor)
 
 
@@ -142,7 +149,7 @@ def _dtensor_shards(params: Sequence[Tensor], dtensor: type) -> Shards:
         if mesh.ndim != 1 or any(not isinstance(p, (Shard, Replicate)) for p in param.placements):
             raise ValueError(
                 f"parameters: DTensor placements {param.placements} on a {mesh.ndim}-D mesh are not "
-                "supported; FSDP2 (fully_shard) on a 1-D mesh shards dim 0, which is"
+                "supported (hybrid sharding, tensor parallelism); use FSDP2 (fully_shard) on a 1-D mesh"
             )
         placement = param.placements[0]
         is_split = isinstance(placement, Shard) and mesh.size() > 1

@@ -38,9 +38,10 @@ def apply_gradient_clipping(
         ``'error'`` or ``'skip'`` (one sync each call to decide).
     """
     clipper = GradientClipper(clipping_type, clipping_threshold, **options)
-    if clipper.rule.stateful:
+    if clipper.stateful:
         raise ValueError(
-            f"clipping_type={clipping_type!r} keeps statistics across steps, which a single call cannot: "
-            f"create clipper = GradientClipper({clipping_type!r}, ...) once and call clipper(model) every step"
+            f"clipping_type={clipping_type!r} with these options keeps statistics across steps, which a "
+            f"single call cannot: create clipper = GradientClipper({clipping_type!r}, ...) once and call "
+            "clipper(model) every step"
         )
     return clipper(parameters, with_stats=with_stats)

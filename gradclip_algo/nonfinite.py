@@ -2,24 +2,32 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from gradclip_algo.norms import group_by_device_and_dtype
+from gradclip_algo.norms import power_sums
 
 NONFINITE_MODES = ("propagate", "error", "skip", "zero")
-"""``propagate`` (default): clip as torch does, no check, no host sync; inf/NaN reach the optimizer and
-show in ``ClipStats.grad_norm``. It is the default because checking costs a host sync every step, and
-because under fp16 AMP the GradScaler already skips such steps. ``error``: raise
-:class:`NonFiniteGradError` naming the first parameter with a non-finite grad. ``skip``: set every grad to
-``None`` so ``optimizer.step()`` leaves weights and optimizer state untouched. ``error`` and ``skip`` sync
-once per call, and under ``torch.distributed`` all ranks of the default process group take the same
-decision (one all-reduce of a flag). ``zero``: replace inf/NaN elements by 0 and clip the rest (no sync,
-one extra pass; each rank repairs its own grads)."""
+"""What the clipper does when a grad it clips holds inf or NaN.
+
+- ``propagate`` (default): no check. Clipping goes on as torch's ``clip_grad_norm_`` does (a NaN makes the
+  norm NaN and every clipped grad NaN; an inf gives zeros and NaNs); ``ClipStats.grad_norm`` shows it.
+  It is the default because it is torch's and Composer's behaviour, because a check costs a host sync
+  (and, across ranks, a collective) every step, and because under fp16 AMP the GradScaler already skips
+  every step whose grads hold inf or NaN. Without fp16 AMP, NaN grads then reach the optimizer.
+- ``error``: raise :class:`NonFiniteGradError` naming the first parameter (and rank) with such a grad;
+  the grads are left as they were.
+- ``skip``: set the grad of every parameter (excluded ones too) to ``None``, so ``optimizer.step()``
+  leaves weights and optimizer state untouched; ``ClipStats.skipped`` is ``True``.
+- ``zero``: replace inf/NaN elements by 0 and clip the rest as usual (one extra in-place pass, no sync).
+
+``error`` and ``skip`` cost one read pass, one all-reduce of a flag over the default process group and
+one host sync per call: every rank takes the same decision, so every rank must call the clipper. ``zero``
+is local to each rank (DDP grads are the same on every rank; a shard lives on one rank).
+"""
 
 
 class NonFiniteGradError(RuntimeError):
@@ -36,18 +44,19 @@ def zero_nonfinite_(grads: list[Tensor]) -> None:
         grad.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def nonfinite_flags(grads: list[Tensor], device: torch.device) -> Tensor:
-    """Bool tensor on ``device``: entry ``i`` is True where ``grads[i]`` holds inf or NaN.
-
-    ``max|g|`` is inf or NaN exactly then (a max cannot overflow, unlike a sum of squares); one foreach
-    kernel per device and dtype. Empty tensors (a rank's empty shard) are finite.
+def _maybe_nonfinite(grads: list[Tensor], device: torch.device) -> Tensor:
+    """Per-tensor bool on ``device``: the fp32 sum of squares is not finite. True for every tensor holding
+    inf or NaN, and also for finite ones with elements above ~1e19, which only an element check tells
+    apart. It is one fast read pass, the norm's; element checks are slower and run only where this is True.
     """
-    flags = torch.zeros(len(grads), dtype=torch.bool, device=device)
-    for indices in group_by_device_and_dtype(grads).values():
-        nonempty = [i for i in indices if grads[i].numel()]
-        if nonempty:
-            maxima = torch.stack(torch._foreach_norm([grads[i] for i in nonempty], math.inf))
-            flags[torch.tensor(nonempty, device=device)] = ~torch.isfinite(maxima).to(device)
+    return ~torch.isfinite(power_sums(grads, 2.0, device))
+
+
+def nonfinite_flags(grads: list[Tensor], device: torch.device) -> Tensor:
+    """Per-tensor bool on ``device``: ``grads[i]`` holds inf or NaN (syncs once to pick what to check)."""
+    flags = _maybe_nonfinite(grads, device)
+    for index in flags.nonzero().flatten().tolist():
+        flags[index] = not bool(torch.isfinite(grads[index]).all())
     return flags
 
 
@@ -55,16 +64,24 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def nonfinite_on_any_rank(grads: list[Tensor], device: torch.device) -> bool:
-    """Whether a grad on any rank of the default process group holds inf or NaN (one all-reduce, one sync).
-
-    Every rank gets the same answer, so every rank skips or raises together even when only one rank's
-    grads went bad (a fault after DDP's all-reduce, or a shard that lives on one rank).
-    """
-    flag = nonfinite_flags(grads, device).any().to(torch.int32).reshape(1)
+def _on_any_rank(flag: Tensor) -> bool:
+    """``flag`` (0-d bool) OR-ed over the ranks of the default process group, read on the host."""
+    flag = flag.to(torch.int32).reshape(1)
     if _world_size() > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag)
+
+
+def nonfinite_on_any_rank(grads: list[Tensor], device: torch.device) -> bool:
+    """Whether a grad on any rank of the default process group holds inf or NaN.
+
+    Every rank gets the same answer, so every rank skips or raises together even when only one rank's
+    grads went bad (a fault after DDP's all-reduce, or a shard that lives on one rank). One read pass, one
+    all-reduce of a flag and one sync; a second round of each only when a sum of squares is not finite.
+    """
+    return _on_any_rank(_maybe_nonfinite(grads, device).any()) and _on_any_rank(
+        nonfinite_flags(grads, device).any()
+    )
 
 
 def _in_flat_parameter(name: str, param: Tensor, grad: Tensor) -> str:
@@ -89,6 +106,23 @@ def _first_local(named_params: Sequence[tuple[str | None, Tensor]], grads: Seque
     return None
 
 
+def texts_from_every_rank(text: str | None, device: torch.device) -> list[str | None]:
+    """``text`` from every rank of the default process group, in rank order (``None`` travels as "").
+
+    Two all-gathers of UTF-8 bytes, sizes then padded bytes; unlike ``all_gather_object`` it needs no numpy.
+    """
+    world_size = _world_size()
+    data = torch.tensor(list((text or "").encode()), dtype=torch.uint8, device=device)
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world_size)]
+    dist.all_gather(sizes, torch.tensor([data.numel()], dtype=torch.int64, device=device))
+    lengths = [int(size) for size in sizes]
+    padded = torch.zeros(max(lengths), dtype=torch.uint8, device=device)
+    padded[: data.numel()] = data
+    gathered = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(gathered, padded)
+    return [bytes(g[:n].tolist()).decode() or None for g, n in zip(gathered, lengths, strict=True)]
+
+
 def nonfinite_error(
     named_params: Sequence[tuple[str | None, Tensor]], grads: Sequence[Tensor]
 ) -> NonFiniteGradError:
@@ -99,10 +133,8 @@ def nonfinite_error(
     """
     name = _first_local(named_params, grads)
     where = ""
-    world_size = _world_size()
-    if world_size > 1:
-        names: list[str | None] = [None] * world_size
-        dist.all_gather_object(names, name)
+    if _world_size() > 1:
+        names = texts_from_every_rank(name, grads[0].device)
         rank, name = next(((r, n) for r, n in enumerate(names) if n is not None), (None, None))
         where = "" if rank is None else f" on rank {rank}"
     return NonFiniteGradError(f"non-finite gradient (inf or NaN) in {name}{where}", name)

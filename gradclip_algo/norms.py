@@ -33,26 +33,22 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 def _group_power_sums(tensors: list[Tensor], norm_type: float) -> Tensor:
     """Per-tensor power sums (1-D, fp32 or fp64) for tensors on one device with one dtype, in order."""
     first = tensors[0]
-    cpu_dot = (
-        norm_type == 2.0 and first.device.type == "cpu" and first.dtype in (torch.float32, torch.float64)
-    )
-    large = (
-        [i for i, t in enumerate(tensors) if t.numel() >= _CPU_DOT_MIN_NUMEL and t.is_contiguous()]
-        if cpu_dot
-        else []
-    )
-    sums = torch.empty(len(tensors), dtype=_accumulation_dtype(first.dtype), device=first.device)
-    if large:
-        sums[large] = torch.stack([torch.dot(tensors[i].view(-1), tensors[i].view(-1)) for i in large])
-    rest = [i for i in range(len(tensors)) if i not in set(large)] if large else range(len(tensors))
+    accumulate = _accumulation_dtype(first.dtype)
+
+    def foreach_power_sums(group: list[Tensor]) -> Tensor:
+        norms = torch.stack(torch._foreach_norm(group, norm_type, dtype=accumulate))
+        return norms if math.isinf(norm_type) else norms.pow(norm_type)
+
+    cpu_dot = norm_type == 2.0 and first.device.type == "cpu" and first.dtype in (torch.float32, torch.float64)
+    large = [i for i, t in enumerate(tensors) if t.numel() >= _CPU_DOT_MIN_NUMEL and t.is_contiguous()]
+    if not (cpu_dot and large):
+        return foreach_power_sums(tensors)
+    sums = torch.empty(len(tensors), dtype=accumulate, device=first.device)
+    sums[large] = torch.stack([torch.dot(tensors[i].view(-1), tensors[i].view(-1)) for i in large])
+    chosen = set(large)
+    rest = [i for i in range(len(tensors)) if i not in chosen]
     if rest:
-        group = [tensors[i] for i in rest]
-        norms = torch.stack(torch._foreach_norm(group, norm_type, dtype=_accumulation_dtype(first.dtype)))
-        values = norms if math.isinf(norm_type) else norms.pow(norm_type)
-        if large:
-            sums[list(rest)] = values
-        else:
-            sums = values
+        sums[rest] = foreach_power_sums([tensors[i] for i in rest])
     return sums
 
 

@@ -68,12 +68,13 @@ def exclusion_filter(exclude: Exclude) -> Predicate | None:
     return excluded
 
 
-def params_with_grads(parameters: Parameters, exclude: Exclude = None) -> list[tuple[str | None, Tensor]]:
-    """``(name, param)`` for the parameters whose ``.grad`` is set, less the excluded ones.
+def params_with_grads(
+    pairs: list[tuple[str | None, Tensor]], exclude: Exclude = None
+) -> list[tuple[str | None, Tensor]]:
+    """The ``(name, param)`` pairs (from :func:`named_parameters`) whose ``.grad`` is set, less the excluded.
 
     Sparse grads are refused with a ``TypeError``.
     """
-    pairs = named_parameters(parameters)
     excluded = exclusion_filter(exclude)
     if excluded is not None and any(name is None for name, _ in pairs):
         raise ValueError(

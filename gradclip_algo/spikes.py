@@ -1,4 +1,4 @@
-"""Skipping the optimizer step when the global grad norm spikes (the rule of OLMo-core's skip-step optimizers).
+"""Skipping the optimizer step when the global grad norm spikes (as OLMo-core's skip-step optimizers do).
 
 With ``skip_spikes=k`` (any clipping type), a step whose global L2 grad norm ``n`` satisfies
 ``n > mean + k·std`` over the last ``spike_window`` recorded norms is skipped: every grad is set to

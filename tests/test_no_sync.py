@@ -33,7 +33,7 @@ CONVERSIONS = (
 )
 """Tensor methods that copy a value to the host."""
 DATA_DEPENDENT = ("nonzero", "argwhere", "masked_select", "unique", "equal", "allclose", "is_nonzero")
-"""Ops whose output shape or Python result depends on the values (a sync on a GPU); as methods and functions."""
+"""Ops whose output shape or Python result depends on the values (a GPU sync), as methods and functions."""
 
 NO_SYNC_CASES = [
     pytest.param("norm", 1.0, {"norm_type": 1.0}, id="norm-p1"),
@@ -159,7 +159,7 @@ def test_nonfinite_skip_and_error_sync_as_documented(
     no_host_sync, mixed_model: MixedModel, nonfinite: str
 ) -> None:
     random_grads(mixed_model)
-    with no_host_sync(), pytest.raises(HostSyncError, match="__bool__"):
+    with no_host_sync(), pytest.raises(HostSyncError):
         apply_gradient_clipping(mixed_model, "norm", 1.0, nonfinite=nonfinite)
 
 

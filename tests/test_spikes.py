@@ -130,3 +130,16 @@ def test_spike_state_is_only_kept_when_asked_for() -> None:
 def test_bad_spike_options(options: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         GradientClipper("norm", 1.0, **options)
+
+
+def test_skipping_makes_a_clipper_stateful_and_drops_excluded_grads_too() -> None:
+    assert GradientClipper("norm", 1.0, skip_spikes=6.0).stateful
+    assert not GradientClipper("norm", 1.0).stateful
+    clipper = GradientClipper("norm", 100.0, skip_spikes=3.0, spike_window=4, exclude="bias")
+    for norm in (1.0, 1.1, 0.9, 1.0):
+        first, second = params_with_norm(norm)
+        assert not clipper([("weight", first), ("bias", second)]).skipped
+    first, second = params_with_norm(1.0)
+    first.grad *= 100
+    assert clipper([("weight", first), ("bias", second)]).skipped
+    assert first.grad is None and second.grad is None

@@ -502,3 +502,10 @@ def _states_equal(first: dict, second: dict) -> bool:
             for key, value in state.items()
         )
     )
+
+
+def test_the_sync_guard_catches_conversions() -> None:
+    with no_host_sync():
+        for convert in (torch.Tensor.item, bool, float, int):
+            with pytest.raises(AssertionError, match="host sync"):
+                convert(torch.ones(()))

@@ -25,7 +25,7 @@ def init_adagc_state(
     beta: float = ADAGC_BETA,
     warmup_steps: int = ADAGC_WARMUP_STEPS,
 ) -> dict[str, Tensor]:
-    """``step``: finite steps seen (int64); ``gamma``: one gamma_i per tensor, sized on the first call (fp32)."""
+    """``step``: finite steps seen (int64); ``gamma``: one gamma_i per tensor (fp32), sized at the first call."""
     return {
         "step": torch.zeros((), dtype=torch.int64, device=device),
         "gamma": torch.zeros(0, dtype=torch.float32, device=device),
@@ -42,7 +42,7 @@ def _whole_tensor_squares(shards: Shards) -> Tensor:
 
 
 def _gamma(state: dict[str, Tensor], count: int) -> Tensor:
-    """gamma, created as ``+inf`` for ``count`` tensors on the first call; the tensors may not change after."""
+    """gamma, created as ``+inf`` for ``count`` tensors at the first call; their number may not change."""
     gamma = state["gamma"]
     if gamma.numel() == 0:
         gamma = state["gamma"] = torch.full((count,), float("inf"), device=gamma.device)

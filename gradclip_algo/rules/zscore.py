@@ -49,7 +49,8 @@ def zscore_clip(
     - The statistics take ``x = τ`` for an outlier and ``x = n`` otherwise (λ does not enter them):
       ``μ ← alpha·μ + (1 - alpha)·x``, ``sigma² ← alpha·sigma² + (1 - alpha)·(x - μ)²`` with the updated μ.
 
-    A non-finite norm leaves the statistics untouched. Defaults (the paper's): alpha = 0.97, z_t = 2.5, W = 25.
+    A non-finite norm leaves the statistics untouched.
+    Defaults (the paper's): alpha = 0.97, z_t = 2.5, W = 25.
     """
     norm = shards.global_norm(shards.grads, 2.0)
     step, mean, var = state["step"], state["mean"], state["var"]
