@@ -72,11 +72,11 @@ class GradientClipper:
         """
         everything = named_parameters(parameters)
         named = params_with_grads(everything, self.exclude)
-        if not named:
-            return ClipStats.empty()
         shards = local_shards(
             [param for _, param in named], parameters if isinstance(parameters, nn.Module) else None
         )
+        if not shards.grads and shards.group is None:  # a sharded rank without grads still joins reductions
+            return ClipStats.empty()
         if self.nonfinite == "zero":
             zero_nonfinite_(shards.grads)
         elif self.nonfinite in ("error", "skip") and nonfinite_on_any_rank(shards.grads, shards.device):

@@ -58,10 +58,11 @@ class Shards:
     units_whole: list[bool]
     group: dist.ProcessGroup | None = None
     layout: str = "local"  # "local" (one process or DDP), "fsdp1" or "fsdp2"
+    home: torch.device | None = None  # the device of a rank that holds no grads of its own
 
     @property
     def device(self) -> torch.device:
-        return self.grads[0].device
+        return self.grads[0].device if self.grads else (self.home or torch.device("cpu"))
 
     @functools.cached_property
     def _split_mask(self) -> Tensor:
@@ -87,7 +88,7 @@ class Shards:
         if self.group is None:
             return values.sum()
         mask = (
-            self._split_mask if partial is None else torch.tensor(partial).to(self.device, non_blocking=True)
+            self._split_mask if partial is None else torch.tensor(partial, dtype=torch.bool).to(self.device, non_blocking=True)
         )
         return self.sum_over_ranks_(torch.where(mask, values, 0).sum()) + torch.where(mask, 0, values).sum()
 
@@ -121,6 +122,7 @@ def local_shards(params: Sequence[Tensor], module: nn.Module | None = None) -> S
             units_whole=[False] * len(params),
             group=next(iter(groups.values())),
             layout="fsdp1",
+            home=next(fsdp1[0].parameters()).device,
         )
     if module is None and any(getattr(p, "_fsdp_flattened", False) for p in params):  # FSDP1 marks its params
         raise ValueError(

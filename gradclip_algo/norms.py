@@ -8,6 +8,7 @@ computes; :class:`~gradclip_algo.distributed.Shards` adds them up across ranks.
 from __future__ import annotations
 
 import math
+
 import torch
 from torch import Tensor
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
@@ -36,10 +37,16 @@ def _group_power_sums(tensors: list[Tensor], norm_type: float) -> Tensor:
     accumulate = _accumulation_dtype(first.dtype)
 
     def foreach_power_sums(group: list[Tensor]) -> Tensor:
-        norms = torch.stack(torch._foreach_norm(group, norm_type, dtype=accumulate))
-        return norms if math.isinf(norm_type) else norms.pow(norm_type)
+        if math.isinf(norm_type):  # the inf-norm kernel refuses empty tensors, whose max is 0
+            nonempty = [t for t in group if t.numel()]
+            maxima = iter(torch._foreach_norm(nonempty, norm_type, dtype=accumulate) if nonempty else [])
+            zero = torch.zeros((), dtype=accumulate, device=first.device)
+            return torch.stack([next(maxima) if t.numel() else zero for t in group])
+        return torch.stack(torch._foreach_norm(group, norm_type, dtype=accumulate)).pow(norm_type)
 
-    cpu_dot = norm_type == 2.0 and first.device.type == "cpu" and first.dtype in (torch.float32, torch.float64)
+    cpu_dot = (
+        norm_type == 2.0 and first.device.type == "cpu" and first.dtype in (torch.float32, torch.float64)
+    )
     large = [i for i, t in enumerate(tensors) if t.numel() >= _CPU_DOT_MIN_NUMEL and t.is_contiguous()]
     if not (cpu_dot and large):
         return foreach_power_sums(tensors)

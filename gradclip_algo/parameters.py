@@ -35,17 +35,15 @@ def named_parameters(parameters: Parameters) -> list[tuple[str | None, Tensor]]:
         return [(unwrapped_name(name), param) for name, param in parameters.named_parameters()]
     if isinstance(parameters, Tensor):
         return [(None, parameters)]
-    items = list(parameters)
-    named = [item if type(item) is tuple else (None, item) for item in items]
-    for _, tensor in named:
-        if not isinstance(tensor, Tensor):
-            raise TypeError(
-                f"parameters: expected tensors or (name, tensor) pairs, got {type(tensor).__name__}"
-            )
     unique: dict[int, tuple[str | None, Tensor]] = {}
-    for pair in named:
+    for item in parameters:
+        pair = item if type(item) is tuple else (None, item)
         unique.setdefault(id(pair[1]), pair)
-    return list(unique.values())
+    pairs = list(unique.values())
+    if not all(isinstance(tensor, Tensor) for _, tensor in pairs):
+        bad = next(tensor for _, tensor in pairs if not isinstance(tensor, Tensor))
+        raise TypeError(f"parameters: expected tensors or (name, tensor) pairs, got {type(bad).__name__}")
+    return pairs
 
 
 def exclusion_filter(exclude: Exclude) -> Predicate | None:
@@ -86,10 +84,10 @@ def params_with_grads(
         for name, param in pairs
         if param.grad is not None and (excluded is None or not excluded(name or "", param))
     ]
-    for name, param in selected:
-        if param.grad.layout != torch.strided:
-            raise TypeError(
-                f"parameters: gradient of {name or 'a parameter'} has layout {param.grad.layout}; "
-                "only dense (strided) gradients can be clipped"
-            )
+    if not all(param.grad.layout == torch.strided for _, param in selected):
+        name, param = next((n, p) for n, p in selected if p.grad.layout != torch.strided)
+        raise TypeError(
+            f"parameters: gradient of {name or 'a parameter'} has layout {param.grad.layout}; "
+            "only dense (strided) gradients can be clipped"
+        )
     return selected

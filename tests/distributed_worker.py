@@ -279,16 +279,32 @@ for _layout in LAYOUTS:
             CASES[f"{_layout}-{_rule}"] = partial(check_rule, _layout, _type, _threshold, _options)
 
 
+@case("fsdp1-orig-rank-without-grads")
+def check_rank_without_grads(rank: int) -> None:
+    """Only ``head.bias`` is clipped and one rank holds none of it: that rank still joins the reductions
+    (it used to return early and leave the other rank waiting), and both get the reference's stats."""
+
+    def options() -> dict[str, Any]:
+        return {"exclude": lambda name, _: name != "head.bias"}
+
+    for clipping_type in ("norm", "value"):
+        want, want_stats, initial, _ = reference_clip(clipping_type, 0.01, **options())
+        model = wrap("fsdp1-orig", make_net())
+        rank_backward("fsdp1-orig", model, 0, rank)
+        held = [p for name, p in model.named_parameters() if unwrapped_name(name) == "head.bias"]
+        stats = GradientClipper(clipping_type, 0.01, **options())(model)
+        assert_same_on_every_rank(stats)
+        torch.testing.assert_close(stats_tensor(stats), stats_tensor(want_stats), rtol=1e-5, atol=0)
+        got = full_grads("fsdp1-orig", model, initial)
+        torch.testing.assert_close(got["head.bias"], want["head.bias"], rtol=1e-5, atol=1e-8)
+    holders = gather(torch.tensor(float(any(p.grad is not None and p.grad.numel() for p in held))))
+    assert sorted(float(h) for h in holders) == [0.0, 1.0], "the case needs a rank without a head.bias grad"
+
+
 @case("fsdp2-empty-local-shard")
 def check_empty_local_shard(rank: int) -> None:
-    """A (1, 10) weight and a (1,) bias: rank 1 holds empty shards of both; every rule still works.
-
-    The inf-norm is left out: norms.power_sums raises on an empty tensor there (see
-    test_distributed.py::test_inf_norm_of_an_empty_shard).
-    """
+    """A (1, 10) weight and a (1,) bias: rank 1 holds empty shards of both; every rule still works."""
     for rule, settings in RULE_SETTINGS.items():
-        if rule == "norm-inf":
-            continue
         torch.manual_seed(0)
         reference = nn.Sequential(nn.Linear(4, 10), nn.Tanh(), nn.Linear(10, 1))
         model = copy.deepcopy(reference)

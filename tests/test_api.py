@@ -92,11 +92,14 @@ def test_core_import_does_not_load_composer_or_omegaconf() -> None:
 
 
 @pytest.mark.parametrize(
-    ("clipping_type", "options"), [("zscore", {}), ("quantile", {}), ("adagc", {}), ("norm", {"skip_spikes": 6.0})]
+    ("clipping_type", "options"),
+    [("zscore", {}), ("quantile", {}), ("adagc", {}), ("norm", {"skip_spikes": 6.0})],
 )
 def test_one_shot_call_refuses_what_needs_statistics(clipping_type: str, options: dict) -> None:
     param = nn.Parameter(torch.zeros(2))
     param.grad = torch.ones(2)
-    with pytest.raises(ValueError, match=rf"clipping_type='{clipping_type}' .*keeps statistics.*GradientClipper"):
+    with pytest.raises(
+        ValueError, match=rf"clipping_type='{clipping_type}' .*keeps statistics.*GradientClipper"
+    ):
         apply_gradient_clipping(param, clipping_type, 1.0, **options)
     assert torch.equal(param.grad, torch.ones(2))

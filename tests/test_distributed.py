@@ -51,11 +51,6 @@ def test_two_ranks_through_composer(outcomes: dict[str, list[str | None]], case:
     assert_passed_on_every_rank(outcomes, case)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="norms.power_sums calls torch's inf-norm on every tensor, which refuses empty ones",
-)
 def test_inf_norm_of_an_empty_shard() -> None:
     """An FSDP2 rank holds an empty shard of any parameter with fewer rows than ranks (a (1, n) weight, a
     bias of size 1 on 2 ranks); its max-abs contributes nothing, so the inf-norm must still work."""

@@ -47,11 +47,6 @@ def _clip_stacked_(
 
 def _clip_spread_(shards: Shards, indices: list[int], clipping: float, eps: float) -> list[UnitResult]:
     """Clip 0-D/1-D tensors sharded over ranks (one unit each); their norms are all-reduced in one call."""
-    if shards.layout == "fsdp1":
-        raise ValueError(
-            "clipping_type='adaptive' under FSDP1: its flat shards split AGC's units (rows, filters) "
-            "across ranks; use FSDP2 (fully_shard), which keeps each unit on one rank, or DDP"
-        )
     local = [t for i in indices for t in (shards.grads[i], shards.params[i])]
     squares = torch.stack([unit_norms(t).square().to(shards.device, torch.float32) for t in local])
     norms = shards.sum_over_ranks_(squares).sqrt().view(-1, 2)
@@ -70,6 +65,11 @@ def adaptive_clip_grad(shards: Shards, clipping: float, eps: float = AGC_EPS) ->
     The floor ε keeps zero-initialised parameters trainable. Norms are L2 and computed in fp32.
     Small tensors of one shape are clipped together on their stack, a block at a time.
     """
+    if shards.layout == "fsdp1":  # refused on every rank alike, also one that holds no grads
+        raise ValueError(
+            "clipping_type='adaptive' under FSDP1: its flat shards split AGC's units (rows, filters) "
+            "across ranks; use FSDP2 (fully_shard), which keeps each unit on one rank, or DDP"
+        )
     spread = [i for i, whole in enumerate(shards.units_whole) if not whole]
     results = _clip_spread_(shards, spread, clipping, eps) if spread else []
     stackable: dict[tuple, list[int]] = defaultdict(list)
@@ -106,7 +106,6 @@ def _agc_stats(shards: Shards, results: list[UnitResult]) -> ClipStats:
             )
         )
     partial = [split for *_, split in results]
-    before, after, clipped, units = (
-        shards.total(column, partial=partial) for column in torch.stack(rows).unbind(1)
-    )
+    stacked = torch.stack(rows) if rows else torch.zeros(0, 4, device=device)
+    before, after, clipped, units = (shards.total(column, partial=partial) for column in stacked.unbind(1))
     return ClipStats(before.sqrt(), after.sqrt(), clipped / units.clamp(min=1))

@@ -21,16 +21,16 @@ def _count_nonzero_(block: Tensor) -> Tensor:
 def clamp_grads(shards: Shards, clip_value: float) -> None:
     """Clamp every grad to ``[-λ, λ]`` in place and nothing else: one pass over large grads, one foreach
     kernel pair over each device and dtype group of small ones."""
-    small = []
-    for grad in shards.grads:
-        if grad.numel() >= block_size(grad.device):
-            grad.clamp_(-clip_value, clip_value)
-        else:
-            small.append(grad)
-    for indices in group_by_device_and_dtype(small).values():
-        group = [small[i] for i in indices]
-        torch._foreach_clamp_min_(group, -clip_value)
-        torch._foreach_clamp_max_(group, clip_value)
+    grads = shards.grads
+    for (device, _), indices in group_by_device_and_dtype(grads).items():
+        size = block_size(device)
+        small = [grads[i] for i in indices if grads[i].numel() < size]
+        for i in indices:
+            if grads[i].numel() >= size:
+                grads[i].clamp_(-clip_value, clip_value)
+        if small:
+            torch._foreach_clamp_min_(small, -clip_value)
+            torch._foreach_clamp_max_(small, clip_value)
 
 
 def _clamp_with_stats(grads: list[Tensor], clip_value: float, device: torch.device) -> Tensor:
@@ -66,7 +66,7 @@ def clip_grad_value(shards: Shards, clip_value: float) -> ClipStats:
         for indices in group_by_device_and_dtype(chosen).values():
             parts.append(_clamp_with_stats([chosen[i] for i in indices], clip_value, device))
             partial.append(is_split)
-    stacked = torch.stack(parts)
+    stacked = torch.stack(parts) if parts else torch.zeros(0, 4, device=device)
     before, clipped, after, numel = (shards.total(column, partial=partial) for column in stacked.unbind(1))
     return ClipStats(
         grad_norm=before.sqrt(),
