@@ -328,16 +328,6 @@ def test_state_lives_on_the_grads_device_and_follows_a_cpu_load() -> None:
     assert all(value.device == params[0].grad.device for value in clipper.state_dict()["rule"].values())
 
 
-@pytest.mark.parametrize("clipping_type", ["quantile", "zscore", "adagc"])
-def test_functional_api_refuses_stateful_types(clipping_type: str) -> None:
-    param = nn.Parameter(torch.ones(3))
-    param.grad = torch.ones(3)
-    with pytest.raises(
-        ValueError, match=rf"clipping_type='{clipping_type}' keeps statistics.*GradientClipper"
-    ):
-        apply_gradient_clipping(param, clipping_type, 1.0)
-
-
 # ---- validation ----------------------------------------------------------------------------------------
 
 
