@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from gradclip_algo import GradientClipper, apply_gradient_clipping
+from gradclip_algo import GradientClipper
 
 SHAPES = [(4, 3), (5,), (2, 2, 2)]
 SHARES = [3 / 13, 4 / 13, 12 / 13]  # each tensor's share of the global norm (squares sum to 1)
