@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from gradclip_algo import apply_gradient_clipping
 
 OURS = "gradclip_algo"
+OURS_WITHOUT_STATS = "gradclip_algo, with_stats=False"
 COMPOSER = "composer"
 FLOOR = "floor"
 """Label of the floor rows; each candidate names its passes after it."""
@@ -54,6 +55,10 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, ...]] = {
     ),
     "value": (
         _ours("value"),
+        Implementation(
+            OURS_WITHOUT_STATS,
+            lambda model, threshold: apply_gradient_clipping(model, "value", threshold, with_stats=False),
+        ),
         Implementation(
             "torch clip_grad_value_", lambda model, t: nn.utils.clip_grad_value_(model.parameters(), t)
         ),

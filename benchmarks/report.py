@@ -5,13 +5,15 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import subprocess
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib.metadata import version
+from pathlib import Path
 
 import torch
 
-from benchmarks.implementations import FLOOR, OURS
+from benchmarks.implementations import FLOOR, OURS, OURS_WITHOUT_STATS, REFERENCE
 from benchmarks.trainer_overhead import StepTime
 
 MS = 1e3
@@ -79,6 +81,14 @@ def case_table(result: CaseResult) -> str:
         f"{row.label.removeprefix(FLOOR).strip(' ()')} {row.median_s * MS:.1f}" for row in floor
     )
     lines += ["", f"Floor candidates, median ms: {candidates}."]
+    if any(row.label == OURS_WITHOUT_STATS for row in result.rows):
+        bare = result.median_s("value", OURS_WITHOUT_STATS)
+        torch_value = result.median_s("value", REFERENCE["value"])
+        lines += [
+            "",
+            f"value without statistics (`with_stats=False`): {bare * MS:.1f} ms = "
+            f"{bare / torch_value:.2f} × torch clip_grad_value_, {bare / floor[0].median_s:.2f} × the floor.",
+        ]
     clipped = ", ".join(
         f"{name} λ = {result.thresholds[name]:.4g} ({share:.0%} clipped)"
         for name, share in result.clipped_fraction.items()
@@ -121,6 +131,24 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def code_version() -> str:
+    """The git commit measured, marked when gradclip_algo/ differs from it (read-only git calls)."""
+    repo = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}  # no index refresh written
+        return subprocess.run(
+            ["git", *args], cwd=repo, env=env, capture_output=True, text=True, check=True
+        ).stdout
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD").strip()
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", "gradclip_algo").strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "an unknown commit (not a git checkout)"
+    return f"commit {commit}" + (" with uncommitted changes" if changed else "")
+
+
 def machine_description() -> str:
     """CPU, cores, torch threads, GPU, library versions, load average and the date."""
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
@@ -129,7 +157,7 @@ def machine_description() -> str:
     return (
         f"- Machine: {cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
         f"GPU: {gpu}\n"
-        f"- Software: Python {platform.python_version()}, {packages}\n"
+        f"- Software: Python {platform.python_version()}, {packages}; gradclip_algo at {code_version()}\n"
         f"- Load average (1, 5, 15 min) at the end: {load}\n"
         f"- Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"
     )

@@ -2,7 +2,8 @@
 
 Large contiguous grads are cut into views of at most :func:`block_size` elements; small ones are packed together
 into one reusable buffer (written back after the block is processed), so that thousands of tiny tensors
-cost a few large ops instead of thousands of small ones. Extra memory: one buffer of a block.
+cost a few large ops instead of thousands of small ones. Extra memory: one buffer of a block, at most
+1/256 of the grads' size.
 """
 
 from __future__ import annotations
@@ -16,9 +17,14 @@ CPU_BLOCK = 1 << 18  # 1 MiB of fp32: stays in a core's L2 cache while a few ops
 ACCELERATOR_BLOCK = 1 << 24  # on a GPU, launches cost more than memory traffic: few, large blocks
 
 
-def block_size(device: torch.device) -> int:
-    """Elements per block on ``device``."""
-    return CPU_BLOCK if device.type == "cpu" else ACCELERATOR_BLOCK
+MIN_BLOCK = 1 << 12
+MEMORY_SHARE = 256  # a buffer is at most 1/256 of the grads: a rule's one or two buffers stay under 1 %
+
+
+def block_size(device: torch.device, total_numel: int) -> int:
+    """Elements per block on ``device`` for grads of ``total_numel`` elements in all."""
+    base = CPU_BLOCK if device.type == "cpu" else ACCELERATOR_BLOCK
+    return min(base, max(MIN_BLOCK, total_numel // MEMORY_SHARE))
 
 
 def _packs(tensors: list[Tensor], block: int) -> Iterator[list[Tensor]]:
@@ -43,7 +49,7 @@ def for_each_block(tensors: list[Tensor], process: Callable[[Tensor], None]) -> 
     """
     if not tensors:
         return
-    size = block_size(tensors[0].device)
+    size = block_size(tensors[0].device, sum(t.numel() for t in tensors))
     small = []
     for tensor in tensors:
         if tensor.numel() < size and tensor.is_contiguous():

@@ -72,16 +72,17 @@ def adaptive_clip_grad(shards: Shards, clipping: float, eps: float = AGC_EPS) ->
         )
     spread = [i for i, whole in enumerate(shards.units_whole) if not whole]
     results = _clip_spread_(shards, spread, clipping, eps) if spread else []
+    size = block_size(shards.device, sum(g.numel() for g in shards.grads))
     stackable: dict[tuple, list[int]] = defaultdict(list)
     for i, (grad, weight) in enumerate(zip(shards.grads, shards.params, strict=True)):
         if not shards.units_whole[i]:
             continue
-        if grad.numel() * 4 < block_size(grad.device):
+        if grad.numel() * 4 < size:
             stackable[(grad.shape, grad.dtype, grad.device, shards.split[i])].append(i)
         else:
             results.append((*_clip_units_(grad, weight, unit_ndim(grad), clipping, eps), shards.split[i]))
-    for (shape, _, grad_device, split), indices in stackable.items():
-        per_block = max(1, block_size(grad_device) // max(1, shape.numel()))
+    for (shape, _, _, split), indices in stackable.items():
+        per_block = max(1, size // max(1, shape.numel()))
         for start in range(0, len(indices), per_block):
             chunk = indices[start : start + per_block]
             grads, weights = [shards.grads[i] for i in chunk], [shards.params[i] for i in chunk]

@@ -23,7 +23,7 @@ def clamp_grads(shards: Shards, clip_value: float) -> None:
     kernel pair over each device and dtype group of small ones."""
     grads = shards.grads
     for (device, _), indices in group_by_device_and_dtype(grads).items():
-        size = block_size(device)
+        size = block_size(device, sum(grads[i].numel() for i in indices))
         small = [grads[i] for i in indices if grads[i].numel() < size]
         for i in indices:
             if grads[i].numel() >= size:
@@ -40,7 +40,8 @@ def _clamp_with_stats(grads: list[Tensor], clip_value: float, device: torch.devi
     (the non-zeros of softshrink) and the clamp all run on the block while it is in cache.
     """
     before, clipped, after = [], [], []
-    scratch = torch.empty(block_size(grads[0].device), dtype=grads[0].dtype, device=grads[0].device)
+    size = block_size(grads[0].device, sum(g.numel() for g in grads))
+    scratch = torch.empty(size, dtype=grads[0].dtype, device=grads[0].device)
 
     def process(block: Tensor) -> None:
         before.append(sum_of_squares(block))
