@@ -31,8 +31,9 @@ test: lint $(VENV)/.installed test-core
 test-core: $(CORE_VENV)/.installed
 	$(CORE_VENV)/bin/python -m pytest -m "not composer"
 
+# The main job: the adding problem trained with and without clipping, a table and runs/demo*/comparison.png.
 demo: $(VENV)/.installed
-	$(VENV)/bin/python examples/plain_pytorch.py
+	$(VENV)/bin/python -m gradclip_algo.train.demo
 
 bench: $(VENV)/.installed
 	$(VENV)/bin/python -m benchmarks.bench_clipping

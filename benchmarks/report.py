@@ -87,7 +87,7 @@ def case_table(result: CaseResult) -> str:
         lines += [
             "",
             f"value without statistics (`with_stats=False`): {bare * MS:.1f} ms = "
-            f"{bare / torch_value:.2f} × torch clip_grad_value_, {bare / floor[0].median_s:.2f} × the floor.",
+            f"{bare / torch_value:.2f} x torch clip_grad_value_, {bare / floor[0].median_s:.2f} x the floor.",
         ]
     clipped = ", ".join(
         f"{name} λ = {result.thresholds[name]:.4g} ({share:.0%} clipped)"

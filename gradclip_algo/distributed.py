@@ -88,7 +88,9 @@ class Shards:
         if self.group is None:
             return values.sum()
         mask = (
-            self._split_mask if partial is None else torch.tensor(partial, dtype=torch.bool).to(self.device, non_blocking=True)
+            self._split_mask
+            if partial is None
+            else torch.tensor(partial, dtype=torch.bool).to(self.device, non_blocking=True)
         )
         return self.sum_over_ranks_(torch.where(mask, values, 0).sum()) + torch.where(mask, 0, values).sum()
 

@@ -304,7 +304,7 @@ def check_rank_without_grads(rank: int) -> None:
 @case("fsdp2-empty-local-shard")
 def check_empty_local_shard(rank: int) -> None:
     """A (1, 10) weight and a (1,) bias: rank 1 holds empty shards of both; every rule still works."""
-    for rule, settings in RULE_SETTINGS.items():
+    for settings in RULE_SETTINGS.values():
         torch.manual_seed(0)
         reference = nn.Sequential(nn.Linear(4, 10), nn.Tanh(), nn.Linear(10, 1))
         model = copy.deepcopy(reference)

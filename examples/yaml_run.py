@@ -1,0 +1,31 @@
+"""A YAML-driven run: the ``algorithms:`` block of a config file, built into Composer algorithms.
+
+    python examples/yaml_run.py [CONFIG.yaml] [key=value ...]
+
+With no arguments it trains ``configs/demo_clipped.yaml`` for 300 steps (the same thing as
+``gradclip-train configs/demo_clipped.yaml max_duration=300ba``), printing the block it built and the run's
+summary. Overrides use omegaconf's dot-list syntax, e.g. ``algorithms.gradient_clipping.clipping_threshold=1.0``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from gradclip_algo import build_algorithms
+from gradclip_algo.train.run import RunResult, train
+from gradclip_algo.train.run_config import load_run_config
+
+DEFAULT = ("configs/demo_clipped.yaml", "max_duration=300ba")
+
+
+def main(argv: Sequence[str] = DEFAULT) -> RunResult:
+    config = load_run_config(argv[0], argv[1:])
+    print("algorithms:", build_algorithms(config.algorithms))
+    result = train(config, progress_bar=False)
+    print(f"{result.folder}: {result.summary.describe()}")
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:] or DEFAULT)

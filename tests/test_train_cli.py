@@ -1,0 +1,109 @@
+"""``gradclip-train``: run folders, metrics and the refusal of bad configs before any training."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.composer
+pytest.importorskip("composer")
+
+from omegaconf import OmegaConf  # noqa: E402
+
+from gradclip_algo.train.cli import main  # noqa: E402
+from gradclip_algo.train.demo import main as demo_main  # noqa: E402
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TINY = ["max_duration=30ba", "task.train_samples=2000", "task.eval_samples=100", "task.batch_size=32"]
+
+
+def run(tmp_path: Path, config: str, *overrides: str) -> int:
+    return main([str(CONFIGS / config), f"run_folder={tmp_path}", *TINY, *overrides])
+
+
+def test_run_folder_has_resolved_config_metrics_summary_and_plot(tmp_path: Path) -> None:
+    assert run(tmp_path, "demo_clipped.yaml", "algorithms.gradient_clipping.clipping_threshold=0.3") == 0
+    folder = tmp_path / "demo_clipped"
+    config = OmegaConf.load(folder / "config.yaml")
+    assert config.algorithms.gradient_clipping.clipping_threshold == 0.3
+    assert config.max_duration == "30ba" and config.model.hidden_size == 32  # defaults filled in
+    rows = list(csv.DictReader((folder / "metrics.csv").open()))
+    assert [int(r["step"]) for r in rows] == list(range(1, 31))
+    for row in rows:
+        clipped = row["clipped"] == "True"
+        assert clipped == (float(row["grad_norm"]) > 0.3)
+        assert float(row["clipped_grad_norm"]) <= (0.3 if clipped else float(row["grad_norm"])) * (1 + 1e-5)
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["clipping"] == "norm λ=0.3" and summary["steps"] == 30
+    assert summary["clipped_steps"] == sum(r["clipped"] == "True" for r in rows)
+    assert (folder / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_second_run_gets_a_fresh_folder(tmp_path: Path) -> None:
+    assert run(tmp_path, "demo_unclipped.yaml") == 0
+    first = (tmp_path / "demo_unclipped" / "metrics.csv").read_text()
+    assert run(tmp_path, "demo_unclipped.yaml", "seed=1") == 0
+    assert (tmp_path / "demo_unclipped" / "metrics.csv").read_text() == first
+    assert (tmp_path / "demo_unclipped-2" / "metrics.csv").exists()
+
+
+@pytest.mark.parametrize(
+    ("config", "overrides", "message"),
+    [
+        ("missing.yaml", [], "no such config file"),
+        ("BROKEN", [], "YAML syntax error at line 3"),
+        (
+            "demo_clipped.yaml",
+            ["nosuchkey=1"],
+            "nosuchkey: unknown key; allowed keys in the config: run_name",
+        ),
+        (
+            "demo_clipped.yaml",
+            ["optimizer.lr=abc"],
+            "optimizer.lr: expected a number > 0 and finite, got 'abc'",
+        ),
+        ("demo_clipped.yaml", ["optimizer.lr"], "override 'optimizer.lr': expected key=value"),
+        ("demo_clipped.yaml", ["max_duration=10"], "max_duration: expected a count > 0 followed by 'ba'"),
+        (
+            "demo_clipped.yaml",
+            ["algorithms.gradient_clipping.clipping_type=l2"],
+            "clipping_type: expected one of",
+        ),
+        ("demo_clipped.yaml", ["algorithms.gradient_clipping.max_norm=1"], "unknown key(s) max_norm"),
+    ],
+)
+def test_bad_configs_exit_nonzero_with_one_line_and_train_nothing(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], config: str, overrides: list[str], message: str
+) -> None:
+    if config == "BROKEN":
+        broken = tmp_path / "broken.yaml"
+        broken.write_text("seed: 0\nrun_name: [unclosed\n")
+        config = str(broken)
+    runs = tmp_path / "runs"
+    code = main([str(CONFIGS / config), f"run_folder={runs}", *overrides])
+    err = capfd.readouterr().err
+    assert code == 2
+    assert err.startswith("gradclip-train: error: ") and message in err and err.count("\n") == 1
+    assert "Traceback" not in err
+    assert not runs.exists()
+
+
+def test_demo_premise_unclipped_diverges_and_clipped_learns(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The demo's two configs at 150 steps: the unclipped run blows up, the clipped one stays finite."""
+    configs = [str(CONFIGS / "demo_unclipped.yaml"), str(CONFIGS / "demo_clipped.yaml")]
+    assert demo_main([*configs, "--out", str(tmp_path), "--set", "max_duration=150ba"]) == 0
+    out = capfd.readouterr().out
+    unclipped, clipped = (
+        json.loads((tmp_path / "demo" / name / "summary.json").read_text())
+        for name in ("demo_unclipped", "demo_clipped")
+    )
+    assert unclipped["first_nonfinite_step"] is not None and unclipped["first_nonfinite_step"] <= 150
+    assert clipped["first_nonfinite_step"] is None and clipped["clipped_steps"] > 0
+    assert float(clipped["final_loss"]) < 1.0
+    assert "| demo_clipped | norm λ=0.5 |" in out
+    assert (tmp_path / "demo" / "comparison.png").read_bytes()[:4] == b"\x89PNG"
