@@ -33,5 +33,5 @@ def test_yaml_run_builds_the_block_and_writes_a_run_folder(tmp_path: Path) -> No
     pytest.importorskip("composer")
     config = str(EXAMPLES.parent / "configs" / "demo_clipped.yaml")
     result = load("yaml_run.py")["main"]([config, "max_duration=10ba", f"run_folder={tmp_path}"])
-    assert result.summary.steps == 10 and result.clipping == "norm λ=0.5"
+    assert result.summary.steps == 10 and result.clipping == "norm λ=1"
     assert (tmp_path / "demo_clipped" / "metrics.csv").exists()

@@ -105,5 +105,16 @@ def test_demo_premise_unclipped_diverges_and_clipped_learns(
     assert unclipped["first_nonfinite_step"] is not None and unclipped["first_nonfinite_step"] <= 150
     assert clipped["first_nonfinite_step"] is None and clipped["clipped_steps"] > 0
     assert float(clipped["final_loss"]) < 1.0
-    assert "| demo_clipped | norm λ=0.5 |" in out
+    assert "| demo_clipped | norm λ=1 |" in out
     assert (tmp_path / "demo" / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_demo_checks_every_run_before_making_a_folder(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The optimizer rejects a negative momentum when built, which the demo does for every run up front."""
+    configs = [str(CONFIGS / "demo_unclipped.yaml"), str(CONFIGS / "demo_clipped.yaml")]
+    code = demo_main([*configs, "--out", str(tmp_path), "--set", "optimizer.options.momentum=-1"])
+    err = capfd.readouterr().err
+    assert code == 2 and "optimizer.options: sgd rejected {'momentum': -1}" in err and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []

@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from gradclip_algo.train.plot import PlotSeries, plot_runs
-from gradclip_algo.train.run import RunResult, create_run_folder, train
+from gradclip_algo.train.run import RunResult, build_parts, create_run_folder, train
 from gradclip_algo.train.run_config import RunConfigError, load_run_config
 
 PROG = "gradclip_algo.train.demo"
@@ -58,13 +58,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="applied to every run",
     )
     args = parser.parse_args(argv)
-    try:
+    try:  # every config is checked, its algorithms and optimizer built, before the first run starts
         configs = [load_run_config(path, args.overrides) for path in args.configs]
-    except RunConfigError as err:  # every config is checked before the first run starts
+        parts = [build_parts(config) for config in configs]
+    except RunConfigError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
     folder = create_run_folder(Path(args.out), "demo")
-    results = [train(replace(config, run_folder=str(folder))) for config in configs]
+    results = [
+        train(replace(config, run_folder=str(folder)), run_parts)
+        for config, run_parts in zip(configs, parts, strict=True)
+    ]
     print(comparison_table(results))
     series = [PlotSeries(result.folder.name, result.records, result.threshold) for result in results]
     plot_runs(series, folder / COMPARISON_FILE, "The adding problem: the same run with and without clipping")

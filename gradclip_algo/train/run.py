@@ -132,16 +132,21 @@ def _json_number(value: float | int | None) -> float | int | str | None:
     return value if not isinstance(value, float) or math.isfinite(value) else str(value)
 
 
-def train(config: RunConfig, *, progress_bar: bool = True) -> RunResult:
-    """Train the run of ``config`` and fill its run folder.
+def train(config: RunConfig, parts: RunParts | None = None, *, progress_bar: bool = True) -> RunResult:
+    """Train the run of ``config`` and fill a new run folder.
 
     The folder gets ``config.yaml`` (the config with every default filled in), ``metrics.csv`` (one row per
     optimizer step, written as training goes), ``summary.json`` and ``metrics.png``.
 
+    Args:
+        parts: what :func:`build_parts` made of ``config``, for a caller that checked several configs
+            before training any; built here when not given.
+
     Raises:
-        RunConfigError: before any folder is made, if a part of the config is rejected.
+        RunConfigError: before any folder is made, if ``parts`` is not given and the config is rejected.
     """
-    parts = build_parts(config)
+    if parts is None:
+        parts = build_parts(config)
     folder = create_run_folder(Path(config.run_folder), config.run_name)
     print(f"run folder: {folder}", flush=True)
     OmegaConf.save(OmegaConf.create(to_dict(config)), folder / CONFIG_FILE)
