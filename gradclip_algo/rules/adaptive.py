@@ -14,7 +14,7 @@ from gradclip_algo.stats import ClipStats
 
 AGC_EPS = 1e-3  # the paper's floor on the weight norm
 
-UnitResult = tuple[Tensor, Tensor, bool]  # unit grad norms, factors, stats are this rank's share
+UnitStats = tuple[Tensor, bool]  # [Σ‖G_u‖², Σ‖G_u·c_u‖², #clipped, #units] in fp32; this rank's share?
 
 
 def agc_coefficients(grad_norms: Tensor, weight_norms: Tensor, clipping: float, eps: float) -> Tensor:
@@ -25,19 +25,29 @@ def agc_coefficients(grad_norms: Tensor, weight_norms: Tensor, clipping: float, 
     return (weight_norms.clamp(min=eps) * clipping / grad_norms).clamp_(max=1.0)
 
 
-def _clip_units_(
-    grad: Tensor, weight: Tensor, ndim: int, clipping: float, eps: float
-) -> tuple[Tensor, Tensor]:
-    """Clip ``grad`` unit by unit (units = its last ``ndim`` dims); return unit norms and factors."""
+def _unit_stats(grad_norms: Tensor, coef: Tensor) -> Tensor:
+    """``[Σ‖G_u‖², Σ(c_u‖G_u‖)², #units clipped, #units]`` (fp32): summed at once, so no per-unit vector
+    outlives its tensor."""
+    grad_norms, coef = grad_norms.to(torch.float32), coef.to(torch.float32)
+    return torch.stack(
+        [
+            grad_norms.square().sum(),
+            (grad_norms * coef).square().sum(),
+            (coef < 1.0).sum(dtype=torch.float32),
+            torch.full((), float(coef.numel()), device=coef.device),
+        ]
+    )
+
+
+def _clip_units_(grad: Tensor, weight: Tensor, ndim: int, clipping: float, eps: float) -> Tensor:
+    """Clip ``grad`` unit by unit (units = its last ``ndim`` dims); return its :func:`_unit_stats`."""
     grad_norms = unit_norms(grad, ndim)
     coef = agc_coefficients(grad_norms, unit_norms(weight, ndim), clipping, eps)
     grad.mul_(coef)
-    return grad_norms.flatten(), coef.flatten()
+    return _unit_stats(grad_norms, coef)
 
 
-def _clip_stacked_(
-    grads: list[Tensor], weights: list[Tensor], clipping: float, eps: float
-) -> tuple[Tensor, Tensor]:
+def _clip_stacked_(grads: list[Tensor], weights: list[Tensor], clipping: float, eps: float) -> Tensor:
     """Clip small tensors of one shape with a few ops on their stack, then write the grads back."""
     stack = torch.stack(grads)
     result = _clip_units_(stack, torch.stack(weights), unit_ndim(grads[0]), clipping, eps)
@@ -45,7 +55,7 @@ def _clip_stacked_(
     return result
 
 
-def _clip_spread_(shards: Shards, indices: list[int], clipping: float, eps: float) -> list[UnitResult]:
+def _clip_spread_(shards: Shards, indices: list[int], clipping: float, eps: float) -> list[UnitStats]:
     """Clip 0-D/1-D tensors sharded over ranks (one unit each); their norms are all-reduced in one call."""
     local = [t for i in indices for t in (shards.grads[i], shards.params[i])]
     squares = torch.stack([unit_norms(t).square().to(shards.device, torch.float32) for t in local])
@@ -54,7 +64,7 @@ def _clip_spread_(shards: Shards, indices: list[int], clipping: float, eps: floa
     for i, (grad_norm, weight_norm) in zip(indices, norms, strict=True):
         coef = agc_coefficients(grad_norm, weight_norm, clipping, eps)
         shards.grads[i].mul_(coef.to(shards.grads[i].device))
-        results.append((grad_norm.view(1), coef.view(1), False))
+        results.append((_unit_stats(grad_norm.view(1), coef.view(1)), False))
     return results
 
 
@@ -80,33 +90,21 @@ def adaptive_clip_grad(shards: Shards, clipping: float, eps: float = AGC_EPS) ->
         if grad.numel() * 4 < size:
             stackable[(grad.shape, grad.dtype, grad.device, shards.split[i])].append(i)
         else:
-            results.append((*_clip_units_(grad, weight, unit_ndim(grad), clipping, eps), shards.split[i]))
+            results.append((_clip_units_(grad, weight, unit_ndim(grad), clipping, eps), shards.split[i]))
     for (shape, _, _, split), indices in stackable.items():
         per_block = max(1, size // max(1, shape.numel()))
         for start in range(0, len(indices), per_block):
             chunk = indices[start : start + per_block]
             grads, weights = [shards.grads[i] for i in chunk], [shards.params[i] for i in chunk]
-            results.append((*_clip_stacked_(grads, weights, clipping, eps), split))
+            results.append((_clip_stacked_(grads, weights, clipping, eps), split))
     return _agc_stats(shards, results)
 
 
-def _agc_stats(shards: Shards, results: list[UnitResult]) -> ClipStats:
-    """Global pre/post L2 norms and the share of clipped units, from unit norms and factors."""
+def _agc_stats(shards: Shards, results: list[UnitStats]) -> ClipStats:
+    """Global pre/post L2 norms and the share of clipped units, from each part's unit statistics."""
     device = shards.device
-    rows = []
-    for grad_norms, coef, _ in results:
-        grad_norms, coef = grad_norms.to(device, torch.float32), coef.to(device, torch.float32)
-        rows.append(
-            torch.stack(
-                [
-                    grad_norms.square().sum(),
-                    (grad_norms * coef).square().sum(),
-                    (coef < 1.0).sum(dtype=torch.float32),
-                    torch.full((), float(coef.numel()), device=device),
-                ]
-            )
-        )
-    partial = [split for *_, split in results]
+    rows = [stats.to(device) for stats, _ in results]
     stacked = torch.stack(rows) if rows else torch.zeros(0, 4, device=device)
+    partial = [split for _, split in results]
     before, after, clipped, units = (shards.total(column, partial=partial) for column in stacked.unbind(1))
     return ClipStats(before.sqrt(), after.sqrt(), clipped / units.clamp(min=1))
