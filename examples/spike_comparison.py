@@ -19,7 +19,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from composer import Trainer
 from composer.core import Callback, Event, State
 from composer.loggers import Logger
 from matplotlib.figure import Figure
@@ -27,7 +26,7 @@ from matplotlib.figure import Figure
 from gradclip_algo.calibrate import measure, recommend
 from gradclip_algo.train.adding_problem import MEAN_PREDICTOR_MSE
 from gradclip_algo.train.metrics import StepMetricsRecorder, StepRecord
-from gradclip_algo.train.run import build_parts
+from gradclip_algo.train.run import build_parts, make_trainer
 from gradclip_algo.train.run_config import RunConfig, load_run_config
 
 DEFAULT_OVERRIDES = ("optimizer.lr=0.05", "max_duration=1500ba")
@@ -85,19 +84,7 @@ def run(
 ) -> Outcome:
     parts = build_parts(replace(config, algorithms=algorithms))
     recorder = StepMetricsRecorder(folder / f"{label}.csv")
-    trainer = Trainer(
-        model=parts.model,
-        train_dataloader=parts.train_loader,
-        eval_dataloader=parts.eval_loader,
-        eval_interval="1dur",
-        max_duration=config.max_duration,
-        optimizers=parts.optimizer,
-        algorithms=parts.algorithms,
-        callbacks=[recorder, bad_batch],
-        loggers=[],
-        seed=config.seed,
-        progress_bar=False,
-    )
+    trainer = make_trainer(config, parts, [recorder, bad_batch], progress_bar=False)
     trainer.fit()
     eval_mse = float(trainer.state.eval_metric_values["MeanSquaredError"])
     trainer.close()

@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 import yaml
-from composer import Trainer
 from composer.core import Callback, State
 from composer.loggers import Logger
 from matplotlib.figure import Figure
@@ -31,7 +30,7 @@ from torch import Tensor
 
 from gradclip_algo.norms import global_norm, unit_norms
 from gradclip_algo.rules.adaptive import AGC_EPS
-from gradclip_algo.train.run import build_parts, create_run_folder
+from gradclip_algo.train.run import build_parts, create_run_folder, make_trainer
 from gradclip_algo.train.run_config import RunConfig, RunConfigError, load_run_config
 
 PROG = "gradclip-calibrate"
@@ -261,16 +260,8 @@ def measure(config: RunConfig, steps: int) -> Measurements:
     """Train ``steps`` optimizer steps of ``config`` without clipping and return the measurements."""
     parts = build_parts(replace(config, algorithms={}))
     recorder = CalibrationRecorder()
-    trainer = Trainer(
-        model=parts.model,
-        train_dataloader=parts.train_loader,
-        max_duration=f"{steps}ba",
-        optimizers=parts.optimizer,
-        callbacks=[recorder],
-        loggers=[],
-        seed=config.seed,
-        device_train_microbatch_size=config.device_train_microbatch_size,
-        progress_bar=False,
+    trainer = make_trainer(
+        config, parts, [recorder], evaluate=False, max_duration=f"{steps}ba", progress_bar=False
     )
     trainer.fit()
     trainer.close()

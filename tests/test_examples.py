@@ -35,3 +35,40 @@ def test_yaml_run_builds_the_block_and_writes_a_run_folder(tmp_path: Path) -> No
     result = load("yaml_run.py")["main"]([config, "max_duration=10ba", f"run_folder={tmp_path}"])
     assert result.summary.steps == 10 and result.clipping == "norm λ=1"
     assert (tmp_path / "demo_clipped" / "metrics.csv").exists()
+
+
+@pytest.mark.composer
+def test_spike_comparison_survives_the_bad_batch_only_when_clipped(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("composer")
+    config = str(EXAMPLES.parent / "configs" / "demo_unclipped.yaml")
+    out = tmp_path / "spikes.png"
+    load("spike_comparison.py")["main"](
+        [
+            "--config",
+            config,
+            "--spike-step",
+            "40",
+            "--factor",
+            "1e4",
+            "--calibration-steps",
+            "20",
+            "--out",
+            str(out),
+            "max_duration=60ba",
+            "task.train_samples=4000",
+            "task.eval_samples=100",
+        ]
+    )
+    table = capfd.readouterr().out
+    rows = {
+        line.split("  ")[0]: line
+        for line in table.splitlines()
+        if line.startswith(("none", "norm", "zscore"))
+    }
+    recovered = {name: line[len(name) :].split()[3] for name, line in rows.items()}  # steps to pre-spike loss
+    assert recovered["none"] == "never"  # the bad batch ends the unclipped run
+    norm_rows = [name for name in recovered if name.startswith("norm")]
+    assert norm_rows and all(recovered[name] != "never" for name in norm_rows)
+    assert out.read_bytes()[:4] == b"\x89PNG"

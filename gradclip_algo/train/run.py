@@ -11,10 +11,11 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from composer import Trainer
-from composer.core import Algorithm
+from composer.core import Algorithm, Callback
 from composer.utils import dist, reproducibility
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset
@@ -132,6 +133,35 @@ def _json_number(value: float | int | None) -> float | int | str | None:
     return value if not isinstance(value, float) or math.isfinite(value) else str(value)
 
 
+def make_trainer(
+    config: RunConfig,
+    parts: RunParts,
+    callbacks: list[Callback],
+    *,
+    evaluate: bool = True,
+    max_duration: str | None = None,
+    **options: Any,
+) -> Trainer:
+    """The ``Trainer`` of a run: ``parts``, the duration, seed and microbatching of ``config``, no loggers.
+
+    ``evaluate`` adds the evaluation set, run once at the end; ``options`` go to ``Trainer`` as they are.
+    """
+    evaluation = {"eval_dataloader": parts.eval_loader, "eval_interval": "1dur"} if evaluate else {}
+    return Trainer(
+        model=parts.model,
+        train_dataloader=parts.train_loader,
+        max_duration=max_duration or config.max_duration,
+        optimizers=parts.optimizer,
+        algorithms=parts.algorithms,
+        callbacks=callbacks,
+        loggers=[],
+        seed=config.seed,
+        device_train_microbatch_size=config.device_train_microbatch_size,
+        **evaluation,
+        **options,
+    )
+
+
 def train(config: RunConfig, parts: RunParts | None = None, *, progress_bar: bool = True) -> RunResult:
     """Train the run of ``config`` and fill a new run folder.
 
@@ -151,21 +181,7 @@ def train(config: RunConfig, parts: RunParts | None = None, *, progress_bar: boo
     print(f"run folder: {folder}", flush=True)
     OmegaConf.save(OmegaConf.create(to_dict(config)), folder / CONFIG_FILE)
     recorder = StepMetricsRecorder(folder / METRICS_FILE)
-    trainer = Trainer(
-        model=parts.model,
-        train_dataloader=parts.train_loader,
-        eval_dataloader=parts.eval_loader,
-        eval_interval="1dur",
-        max_duration=config.max_duration,
-        optimizers=parts.optimizer,
-        algorithms=parts.algorithms,
-        callbacks=[recorder],
-        loggers=[],
-        run_name=folder.name,
-        seed=config.seed,
-        device_train_microbatch_size=config.device_train_microbatch_size,
-        progress_bar=progress_bar,
-    )
+    trainer = make_trainer(config, parts, [recorder], run_name=folder.name, progress_bar=progress_bar)
     trainer.fit()
     eval_mse = float(trainer.state.eval_metric_values["MeanSquaredError"])
     trainer.close()
