@@ -52,8 +52,9 @@ def test_blocked_paths_match_torch_on_large_and_many_small_tensors() -> None:
     params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
     for p in params:
         p.grad = torch.randn(p.shape, generator=gen)
-    params.append(torch.nn.Parameter(torch.zeros(40, 30)))
-    params[-1].grad = torch.randn(30, 40, generator=gen).t()  # non-contiguous grad
+    for rows, cols in ((40, 30), (300, 200)):  # non-contiguous grads, smaller and larger than a block
+        params.append(torch.nn.Parameter(torch.zeros(rows, cols)))
+        params[-1].grad = torch.randn(cols, rows, generator=gen).t()
     reference = [torch.nn.Parameter(p.detach().clone()) for p in params]
     for ref, p in zip(reference, params, strict=True):
         ref.grad = p.grad.clone()

@@ -45,7 +45,9 @@ def _clamp_with_stats(grads: list[Tensor], clip_value: float, device: torch.devi
 
     def process(block: Tensor) -> None:
         before.append(sum_of_squares(block))
-        shrunk = torch.ops.aten.softshrink.out(block, clip_value, out=scratch[: block.numel()].view_as(block))
+        # a strided grad comes whole (it cannot be cut into flat views) and may exceed the scratch buffer
+        out = scratch[: block.numel()].view(block.shape) if block.numel() <= size else torch.empty_like(block)
+        shrunk = torch.ops.aten.softshrink.out(block, clip_value, out=out)
         clipped.append(_count_nonzero_(shrunk))
         block.clamp_(-clip_value, clip_value)
         after.append(sum_of_squares(block))
