@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gradclip_algo.distributed import local_shards
+from gradclip_algo.distributed import Shards, local_shards
 from gradclip_algo.nonfinite import NONFINITE_MODES, nonfinite_error, nonfinite_on_any_rank, zero_nonfinite_
 from gradclip_algo.parameters import Parameters, exclusion_filter, named_parameters, params_with_grads
 from gradclip_algo.rules import CLIPPING_TYPES, RULES
@@ -82,30 +82,30 @@ class GradientClipper:
         elif self.nonfinite in ("error", "skip") and nonfinite_on_any_rank(shards.grads, shards.device):
             if self.nonfinite == "error":
                 raise nonfinite_error(named, shards.grads)
-            norm = shards.global_norm(shards.grads, self.rule_options.get("norm_type", 2.0))
-            for _, param in everything:  # excluded ones too: the whole optimizer step is skipped
-                param.grad = None
-            return ClipStats.skipped_step(norm)
+            return _skip_step(
+                everything, shards.global_norm(shards.grads, self.rule_options.get("norm_type", 2.0))
+            )
         if self.skip_spikes is not None:
             if self.spike_state is None:
                 self.spike_state = init_spike_state(shards.device, self.spike_window)
             _move_to_(self.spike_state, shards.device)
             norm = shards.global_norm(shards.grads, 2.0)
             if bool(is_spike_(norm, self.spike_state, self.skip_spikes)):  # the sync skipping needs
-                for _, param in everything:  # excluded ones too: the whole optimizer step is skipped
-                    param.grad = None
-                return ClipStats.skipped_step(norm)
+                return _skip_step(everything, norm)
         if not with_stats and self.rule.clip_without_stats is not None:
             self.rule.clip_without_stats(shards, self.clipping_threshold, **self.rule_options)
             return None
+        stats = self._clip(shards)
+        return stats if with_stats else None
+
+    def _clip(self, shards: Shards) -> ClipStats:
+        """The rule on ``shards``, with its statistics for a stateful rule (made at the first call)."""
         if not self.rule.stateful:
-            stats = self.rule.clip(shards, self.clipping_threshold, **self.rule_options)
-            return stats if with_stats else None
+            return self.rule.clip(shards, self.clipping_threshold, **self.rule_options)
         if self.state is None:
             self.state = self.rule.init_state(shards.device, **self.rule_options)
         _move_to_(self.state, shards.device)
-        stats = self.rule.clip(shards, self.clipping_threshold, self.state, **self.rule_options)
-        return stats if with_stats else None
+        return self.rule.clip(shards, self.clipping_threshold, self.state, **self.rule_options)
 
     @property
     def stateful(self) -> bool:
@@ -184,6 +184,13 @@ def _checked_state(
                 "was the checkpoint written with other settings?"
             )
     return {key: value.clone() for key, value in given.items()}
+
+
+def _skip_step(everything: list[tuple[str | None, Tensor]], norm: Tensor) -> ClipStats:
+    """Drop every grad, excluded ones too, so that the whole optimizer step is skipped."""
+    for _, param in everything:
+        param.grad = None
+    return ClipStats.skipped_step(norm)
 
 
 def _move_to_(state: dict[str, Tensor], device: torch.device) -> None:
