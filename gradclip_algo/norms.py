@@ -43,17 +43,20 @@ def _group_power_sums(tensors: list[Tensor], norm_type: float) -> Tensor:
     """Per-tensor power sums (1-D, fp32 or fp64) for tensors on one device with one dtype, in order."""
     first = tensors[0]
     accumulate = _accumulation_dtype(first.dtype)
+    numels = [t.numel() for t in tensors]
     special = (norm_type == 2.0 and first.dtype in (torch.float32, torch.float64)) or math.isinf(norm_type)
     large = []
     if first.device.type == "cpu" and special:
-        large = [i for i, t in enumerate(tensors) if t.numel() >= _CPU_DOT_MIN_NUMEL and t.is_contiguous()]
+        large = [i for i, n in enumerate(numels) if n >= _CPU_DOT_MIN_NUMEL and tensors[i].is_contiguous()]
+    if not large and all(numels):  # the common case for many small tensors: one foreach kernel
+        norms = torch.stack(torch._foreach_norm(tensors, norm_type, dtype=accumulate))
+        return norms if math.isinf(norm_type) else norms.pow(norm_type)
     chosen = set(large)
-    rest = [i for i in range(len(tensors)) if i not in chosen]
+    rest = [i for i, n in enumerate(numels) if n and i not in chosen]  # empty tensors add 0
     sums = torch.zeros(len(tensors), dtype=accumulate, device=first.device)
     if large:
         sums[large] = torch.stack([_cpu_power_sum(tensors[i], norm_type) for i in large]).to(accumulate)
-    rest = [i for i in rest if tensors[i].numel()]  # empty tensors add 0 (and the inf-norm refuses them)
-    if rest:
+    if rest:  # (the inf-norm kernel refuses empty tensors)
         norms = torch.stack(torch._foreach_norm([tensors[i] for i in rest], norm_type, dtype=accumulate))
         sums[rest] = norms if math.isinf(norm_type) else norms.pow(norm_type)
     return sums
