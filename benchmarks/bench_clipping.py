@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.cases import FULL_CASES, SMOKE_CASES, Case, clipping_thresholds, make_model
+from benchmarks.cases import FULL_CASES, SMOKE_CASES, Case, clipping_thresholds, grad_restorer, make_model
 from benchmarks.implementations import FLOOR, IMPLEMENTATIONS, deviations_from_reference, floor_candidates
 from benchmarks.memory import peak_extra_bytes
 from benchmarks.report import (
@@ -62,11 +62,7 @@ def benchmark_case(case: Case, device: torch.device, dtype: torch.dtype, setting
     """Check every implementation against the reference, then time them and the floor, then their memory."""
     model = make_model(case, device, dtype)
     grads = [param.grad for param in model.parameters()]
-    initial = [grad.clone() for grad in grads]
-
-    def reset() -> None:
-        torch._foreach_copy_(grads, initial)
-
+    reset = grad_restorer(model)
     thresholds = clipping_thresholds(model)
     deviations = deviations_from_reference(model, reset, thresholds)
     disagreeing = {key: value for key, value in deviations.items() if value > TOLERANCE[dtype]}

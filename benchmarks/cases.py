@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -74,6 +75,13 @@ def make_model(case: Case, device: torch.device, dtype: torch.dtype, seed: int =
         param.grad = (torch.randn(shape, generator=generator) * grad_scale).to(device, dtype)
         params.append(param)
     return params
+
+
+def grad_restorer(model: nn.Module) -> Callable[[], None]:
+    """A function that puts the grads of ``model`` back to what they are now (clipping is in place)."""
+    grads = [param.grad for param in model.parameters()]
+    initial = [grad.clone() for grad in grads]
+    return lambda: torch._foreach_copy_(grads, initial)
 
 
 def clipping_thresholds(model: nn.Module) -> dict[str, float]:

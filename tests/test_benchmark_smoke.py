@@ -18,6 +18,7 @@ from benchmarks.cases import (  # noqa: E402
     MANY_SMALL,
     SMOKE_CASES,
     clipping_thresholds,
+    grad_restorer,
     make_model,
 )
 from benchmarks.implementations import (  # noqa: E402
@@ -44,15 +45,16 @@ def test_every_implementation_clips_like_the_reference(case) -> None:
     model = make_model(case, CPU, torch.float32)
     grads = [param.grad for param in model.parameters()]
     initial = [grad.clone() for grad in grads]
+    reset = grad_restorer(model)
     thresholds = clipping_thresholds(model)
     for clipping_type, implementations_of_type in IMPLEMENTATIONS.items():
-        torch._foreach_copy_(grads, initial)
+        reset()
         reference = next(impl for impl in implementations_of_type if impl.label == REFERENCE[clipping_type])
         reference.clip(model, thresholds[clipping_type])
         expected = [grad.clone() for grad in grads]
         assert any(not torch.equal(e, i) for e, i in zip(expected, initial, strict=True)), clipping_type
         for implementation in implementations_of_type:
-            torch._foreach_copy_(grads, initial)
+            reset()
             implementation.clip(model, thresholds[clipping_type])
             for got, want in zip(grads, expected, strict=True):
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-9)
@@ -60,12 +62,7 @@ def test_every_implementation_clips_like_the_reference(case) -> None:
 
 def test_agreement_check_flags_an_implementation_that_clips_differently(monkeypatch) -> None:
     model = make_model(SMOKE_CASES[0], CPU, torch.float32)
-    grads = [param.grad for param in model.parameters()]
-    initial = [grad.clone() for grad in grads]
-
-    def reset() -> None:
-        torch._foreach_copy_(grads, initial)
-
+    reset = grad_restorer(model)
     thresholds = clipping_thresholds(model)
     deviations = deviations_from_reference(model, reset, thresholds)
     assert set(deviations) == {(t, impl.label) for t, impls in IMPLEMENTATIONS.items() for impl in impls}
