@@ -29,6 +29,7 @@ from distributed_worker import (
     gather,
     global_batch,
     make_net,
+    nonfinite_errors_on_every_rank,
     poison,
     rank_backward,
     reference_clip,
@@ -39,9 +40,8 @@ from distributed_worker import (
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from gradclip_algo import GradientClipper, GradientClipping, NonFiniteGradError
+from gradclip_algo import GradientClipper, GradientClipping
 from gradclip_algo.distributed import local_shards
-from gradclip_algo.nonfinite import texts_from_every_rank
 
 STEPS = 4
 COMPOSER_CASES: dict[str, Case] = {}
@@ -170,14 +170,9 @@ def check_trainer_skip(rank: int) -> None:
 @case("trainer-ddp-error-on-every-rank", COMPOSER_CASES)
 def check_trainer_error(rank: int) -> None:
     """NaN on rank 1 only at batch 3: both ranks stop with the same error, naming batch, parameter, rank."""
-    try:
-        fit(GradientClipping("norm", 0.1, nonfinite="error"), "sgd", [Poison((3,))])
-    except NonFiniteGradError as err:
-        raised = (str(err), err.param_name)
-    else:
-        raised = (None, None)
-    messages = texts_from_every_rank(raised[0], torch.device("cpu"))
-    names = texts_from_every_rank(raised[1], torch.device("cpu"))
+    messages, names = nonfinite_errors_on_every_rank(
+        lambda: fit(GradientClipping("norm", 0.1, nonfinite="error"), "sgd", [Poison((3,))])
+    )
 
     message = "batch 3: non-finite gradient (inf or NaN) in module.embed.weight on rank 1"
     assert messages == [message] * WORLD_SIZE

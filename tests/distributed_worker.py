@@ -160,6 +160,18 @@ def gather(tensor: Tensor) -> list[Tensor]:
     return gathered
 
 
+def nonfinite_errors_on_every_rank(call: Callable[[], object]) -> tuple[list[str | None], list[str | None]]:
+    """Run ``call`` expecting a ``NonFiniteGradError``; its message and ``param_name`` from every rank
+    (``None`` where a rank raised nothing)."""
+    try:
+        call()
+    except NonFiniteGradError as err:
+        raised = (str(err), err.param_name)
+    else:
+        raised = (None, None)
+    return tuple(texts_from_every_rank(text, torch.device("cpu")) for text in raised)
+
+
 def stats_tensor(stats: ClipStats) -> Tensor:
     return torch.stack([stats.grad_norm, stats.clipped_grad_norm, stats.clipped_fraction])
 
@@ -417,14 +429,9 @@ def check_error(layout: str, rank: int) -> None:
     grads = dict(local_grads(model))
     if rank == 1:
         grads[target].view(-1)[0] = math.nan
-    try:
-        GradientClipper("norm", 0.1, nonfinite="error")(model)
-    except NonFiniteGradError as err:
-        raised = (str(err), err.param_name)
-    else:
-        raised = (None, None)
-    messages = texts_from_every_rank(raised[0], torch.device("cpu"))
-    names = texts_from_every_rank(raised[1], torch.device("cpu"))
+    messages, names = nonfinite_errors_on_every_rank(
+        lambda: GradientClipper("norm", 0.1, nonfinite="error")(model)
+    )
 
     assert messages == ["non-finite gradient (inf or NaN) in head.weight on rank 1"] * WORLD_SIZE
     assert names == ["head.weight"] * WORLD_SIZE
