@@ -70,26 +70,26 @@ class GradientClipper:
         ``with_stats=False`` returns ``None`` and skips the statistics where they cost extra passes over
         the grads ('value': its norms and clipped count); the clipping itself is the same.
         """
-        everything = named_parameters(parameters)
-        named = params_with_grads(everything, self.exclude)
-        shards = local_shards(
-            [param for _, param in named], parameters if isinstance(parameters, nn.Module) else None
-        )
+        # a Module's names cost more than the clipping of small tensors: built only for ``exclude`` or errors
+        module = parameters if isinstance(parameters, nn.Module) else None
+        everything = named_parameters(parameters, names=self.exclude is not None)
+        named, grads = params_with_grads(everything, self.exclude, module)
+        shards = local_shards([param for _, param in named], module, grads)
         if not shards.grads and shards.group is None:  # a sharded rank without grads still joins reductions
             return ClipStats.empty()
         if self.nonfinite == "zero":
             zero_nonfinite_(shards.grads)
         elif self.nonfinite in ("error", "skip") and nonfinite_on_any_rank(shards.grads, shards.device):
             if self.nonfinite == "error":
+                if module is not None:
+                    named, _ = params_with_grads(named_parameters(module), self.exclude)
                 raise nonfinite_error(named, shards.grads)
-            return _skip_step(
-                everything, shards.global_norm(shards.grads, self.rule_options.get("norm_type", 2.0))
-            )
+            return _skip_step(everything, shards.global_norm(self.rule_options.get("norm_type", 2.0)))
         if self.skip_spikes is not None:
             if self.spike_state is None:
                 self.spike_state = init_spike_state(shards.device, self.spike_window)
             _move_to_(self.spike_state, shards.device)
-            norm = shards.global_norm(shards.grads, 2.0)
+            norm = shards.global_norm(2.0)
             if bool(is_spike_(norm, self.spike_state, self.skip_spikes)):  # the sync skipping needs
                 return _skip_step(everything, norm)
         if not with_stats and self.rule.clip_without_stats is not None:

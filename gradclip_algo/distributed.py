@@ -14,13 +14,13 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from gradclip_algo.norms import power_sums, root
+from gradclip_algo.norms import power_sum, root
 
 
 def _dtensor_type() -> type | None:
@@ -59,6 +59,7 @@ class Shards:
     group: dist.ProcessGroup | None = None
     layout: str = "local"  # "local" (one process or DDP), "fsdp1" or "fsdp2"
     home: torch.device | None = None  # the device of a rank that holds no grads of its own
+    _norms: dict[float, Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def device(self) -> torch.device:
@@ -94,10 +95,28 @@ class Shards:
         )
         return self.sum_over_ranks_(torch.where(mask, values, 0).sum()) + torch.where(mask, 0, values).sum()
 
-    def global_norm(self, tensors: list[Tensor], norm_type: float = 2.0) -> Tensor:
-        """The p-norm of the whole (unsharded) tensors, for local pieces aligned with ``grads`` (fp32, 0-d)."""
-        sums = power_sums(tensors, norm_type, self.device)
-        return root(self.total(sums, maximum=math.isinf(norm_type)), norm_type)
+    def global_norm(self, norm_type: float = 2.0) -> Tensor:
+        """The p-norm of the whole (unsharded) grads (fp32, 0-d).
+
+        Computed once per ``norm_type`` and kept: a spike check and the rule after it share one read pass.
+        The grads must not change in between (rules change them only after taking their norm).
+        """
+        if norm_type not in self._norms:
+            self._norms[norm_type] = self._global_norm(norm_type)
+        return self._norms[norm_type]
+
+    def _global_norm(self, norm_type: float) -> Tensor:
+        if self.group is None:
+            return root(power_sum(self.grads, norm_type, self.device), norm_type)
+        parts = [
+            power_sum(
+                [g for g, split in zip(self.grads, self.split, strict=True) if split == is_split],
+                norm_type,
+                self.device,
+            )
+            for is_split in (True, False)
+        ]
+        return root(self.total(torch.stack(parts), math.isinf(norm_type), partial=[True, False]), norm_type)
 
 
 def _without_padding(tensor: Tensor, param: Tensor) -> Tensor:
@@ -107,8 +126,13 @@ def _without_padding(tensor: Tensor, param: Tensor) -> Tensor:
     return tensor[: tensor.numel() - padded] if padded else tensor
 
 
-def local_shards(params: Sequence[Tensor], module: nn.Module | None = None) -> Shards:
-    """The :class:`Shards` of ``params`` (all with grads); ``module`` is needed to recognise FSDP1."""
+def local_shards(
+    params: Sequence[Tensor], module: nn.Module | None = None, grads: Sequence[Tensor] | None = None
+) -> Shards:
+    """The :class:`Shards` of ``params`` (all with grads); ``module`` is needed to recognise FSDP1.
+
+    ``grads``: the params' ``.grad`` where the caller has read them already.
+    """
     fsdp1 = _fsdp1_modules(module)
     if fsdp1:
         groups = {id(m.process_group): m.process_group for m in fsdp1}
@@ -132,9 +156,10 @@ def local_shards(params: Sequence[Tensor], module: nn.Module | None = None) -> S
             "the wrapped module itself, so that norms are summed over its process group"
         )
     dtensor = _dtensor_type()
-    if dtensor is None or not any(isinstance(p, dtensor) for p in params):
+    if dtensor is None or not any(issubclass(kind, dtensor) for kind in {type(p) for p in params}):
         n = len(params)
-        return Shards(list(params), [p.grad for p in params], [False] * n, [True] * n)  # read under no_grad
+        grads = [p.grad for p in params] if grads is None else list(grads)
+        return Shards(list(params), grads, [False] * n, [True] * n)  # params are read under no_grad
     return _dtensor_shards(params, dtensor)
 
 

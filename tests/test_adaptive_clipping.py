@@ -9,7 +9,7 @@ import torch
 from conftest import MixedModel, backward_mixed, grads
 from torch import nn
 
-from gradclip_algo import apply_gradient_clipping
+from gradclip_algo import apply_gradient_clipping, blocks
 
 
 def agc_reference(
@@ -25,6 +25,11 @@ def agc_reference(
         g_norm = g[u].norm().item()
         out[u] = g[u] * (max_norm / g_norm) if g_norm > max_norm else g[u]
     return out.reshape(grad.shape)
+
+
+def as_units(tensor: torch.Tensor) -> torch.Tensor:
+    """One row per AGC unit."""
+    return tensor.reshape(tensor.shape[0], -1) if tensor.ndim >= 2 else tensor.reshape(1, -1)
 
 
 def param_with_grad(weight: torch.Tensor, grad: torch.Tensor) -> nn.Parameter:
@@ -142,18 +147,30 @@ def test_composer_agc_freezes_zero_weights_and_ours_does_not() -> None:
     assert ours.bias.grad.abs().min().item() > 0
 
 
-def test_large_tensor_and_stacked_small_tensor_paths_match_reference() -> None:
-    """Large tensors are clipped in place, many small same-shaped ones on chunked stacks."""
+@pytest.mark.parametrize("reuse_block", [1 << 22, 5000])
+def test_large_tensor_and_stacked_small_tensor_paths_match_reference(
+    monkeypatch: pytest.MonkeyPatch, reuse_block: int
+) -> None:
+    """Large tensors are clipped in place (in row blocks when larger than a block kept in cache), many
+    small same-shaped ones on chunked stacks; per-unit statistics are summed in batches."""
+    monkeypatch.setattr(blocks, "CPU_REUSE_BLOCK", reuse_block)
     gen = torch.Generator().manual_seed(11)
-    shapes = [(300, 400), (600, 32, 32), *[(32, 32)] * 600, *[(5,)] * 40, *[()] * 7]
+    shapes = [(300, 400), (600, 32, 32), *[(32, 32)] * 603, *[(5,)] * 40, *[()] * 7, (50000,)]
     params = [nn.Parameter(torch.randn(s, generator=gen) * 0.1) for s in shapes]
     for p in params:
-        p.grad = torch.randn(p.shape, generator=gen)
+        p.grad = torch.randn(p.shape, generator=gen) * torch.rand((), generator=gen) * 0.01
     with torch.no_grad():
-        params[-1].zero_()
+        params[-2].zero_()
     expected = [agc_reference(p.detach(), p.grad, 0.05) for p in params]
+    before = torch.cat([p.grad.flatten() for p in params]).double().norm()
+    rows = [(as_units(p.grad.double()), as_units(want)) for p, want in zip(params, expected, strict=True)]
+    clipped = sum(int((was != want).any(dim=1).sum()) for was, want in rows)
+    total_units = sum(was.shape[0] for was, _ in rows)
     stats = apply_gradient_clipping(params, "adaptive", 0.05)
     for p, want in zip(params, expected, strict=True):
         torch.testing.assert_close(p.grad.double(), want, rtol=1e-5, atol=1e-9)
     post = torch.cat([g.flatten() for g in expected]).norm()
+    torch.testing.assert_close(stats.grad_norm.double(), before, rtol=1e-5, atol=0)
     torch.testing.assert_close(stats.clipped_grad_norm.double(), post, rtol=1e-5, atol=0)
+    assert 0 < clipped < total_units
+    assert stats.clipped_fraction.item() == pytest.approx(clipped / total_units, rel=1e-6)

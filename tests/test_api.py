@@ -11,6 +11,7 @@ from conftest import MixedModel, backward_mixed, grads, twin
 from torch import nn
 
 from gradclip_algo import ClipStats, apply_gradient_clipping
+from gradclip_algo.parameters import named_parameters
 
 
 def test_documented_call_forms_all_agree(mixed_model: MixedModel) -> None:
@@ -52,6 +53,20 @@ def test_shared_parameters_count_once() -> None:
     stats = apply_gradient_clipping([shared, shared], "norm", 1.0)
     assert stats.grad_norm.item() == pytest.approx(5.0)
     torch.testing.assert_close(shared.grad, torch.tensor([0.6, 0.8]), rtol=1e-5, atol=0)
+
+
+def test_a_modules_parameters_are_found_as_torch_lists_them() -> None:
+    """Without ``exclude`` a Module's parameters are collected without names: same tensors, same order,
+    shared and tied ones once, nested and repeated submodules included."""
+    block = nn.Linear(4, 4)
+    model = nn.Sequential(nn.Embedding(10, 4), block, nn.Sequential(block, nn.LayerNorm(4)), nn.Linear(4, 10))
+    model[3].weight = model[0].weight  # tied
+    model.register_parameter("frozen", None)
+    found = [param for _, param in named_parameters(model, names=False)]
+    assert [id(p) for p in found] == [id(p) for p in model.parameters()]
+    named = named_parameters(model)
+    assert [id(p) for _, p in named] == [id(p) for p in model.parameters()]
+    assert [name for name, _ in named] == [name for name, _ in model.named_parameters()]
 
 
 def test_mixed_dtypes_in_one_call() -> None:

@@ -93,3 +93,26 @@ def test_large_tensors_take_the_cpu_dot_path_and_match_torch() -> None:
     torch.testing.assert_close(stats.grad_norm, expected, rtol=1e-5, atol=0)
     for param, ref in zip(params, reference, strict=True):
         torch.testing.assert_close(param.grad, ref.grad, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("norm_type", [2.0, math.inf, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_packed_small_tensors_of_every_kind_match_torch(norm_type: float, dtype: torch.dtype) -> None:
+    """Small CPU grads are packed into blocks by shape (1-D ones of any length together) before one kernel
+    per block: many packs of one shape, 1-D of mixed lengths, 0-d, empty and strided grads, and a large one."""
+    gen = torch.Generator().manual_seed(4)
+    shapes = [*[(7, 9)] * 300, *[(n,) for n in range(1, 60)], (), (), (0,), (0, 4), (3, 5, 4), (300, 200)]
+    params = [torch.nn.Parameter(torch.zeros(s, dtype=dtype)) for s in shapes]
+    for param in params:
+        param.grad = torch.randn(param.shape, generator=gen, dtype=dtype)
+    params.append(torch.nn.Parameter(torch.zeros(30, 20, dtype=dtype)))
+    params[-1].grad = torch.randn(20, 30, generator=gen, dtype=dtype).t()  # small and strided
+    reference = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for ref, param in zip(reference, params, strict=True):
+        ref.grad = param.grad.clone()
+    stats = apply_gradient_clipping(params, "norm", 1.0, norm_type=norm_type)
+    non_empty = [ref for ref in reference if ref.numel()]  # torch's inf-norm refuses empty tensors
+    expected = torch.nn.utils.clip_grad_norm_(non_empty, 1.0, norm_type=norm_type)
+    torch.testing.assert_close(stats.grad_norm.double(), expected.double(), rtol=1e-5, atol=0)
+    for param, ref in zip(params, reference, strict=True):
+        torch.testing.assert_close(param.grad, ref.grad, rtol=1e-5, atol=1e-8)

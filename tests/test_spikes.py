@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from gradclip_algo import GradientClipper
+from gradclip_algo import GradientClipper, distributed
+from gradclip_algo.norms import power_sum
 
 
 def spike_reference(norms: Sequence[float], limit: float, window: int) -> list[bool]:
@@ -143,3 +144,15 @@ def test_skipping_makes_a_clipper_stateful_and_drops_excluded_grads_too() -> Non
     first.grad *= 100
     assert clipper([("weight", first), ("bias", second)]).skipped
     assert first.grad is None and second.grad is None
+
+
+def test_the_spike_check_and_the_rule_share_one_read_of_the_grads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``skip_spikes`` the global norm is computed once per step, for the check and the rule alike."""
+    reads = []
+    monkeypatch.setattr(distributed, "power_sum", lambda *args: reads.append(args) or power_sum(*args))
+    clipper = GradientClipper("norm", 1.0, skip_spikes=6.0)
+    for norm in noisy_norms(5):
+        reads.clear()
+        stats = clipper(params_with_norm(norm))
+        assert len(reads) == 1
+        assert stats.grad_norm.item() == pytest.approx(norm, rel=1e-6)

@@ -46,9 +46,10 @@ def test_values_at_the_bound_are_kept_and_not_counted() -> None:
 
 
 def test_blocked_paths_match_torch_on_large_and_many_small_tensors() -> None:
-    """Tensors larger than a block are split, small ones packed together: both must match torch."""
+    """Tensors larger than a block are split, small ones measured on packed copies and clamped in place
+    (0-d, empty and strided ones too): both must match torch."""
     gen = torch.Generator().manual_seed(5)
-    shapes = [(700, 1000), (300,), (70000,), *[(7, 9)] * 300, (3, 5, 4)]
+    shapes = [(700, 1000), (300,), (70000,), *[(7, 9)] * 300, (3, 5, 4), (), (0,), (0, 3)]
     params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
     for p in params:
         p.grad = torch.randn(p.shape, generator=gen)

@@ -7,9 +7,9 @@ from collections import defaultdict
 import torch
 from torch import Tensor
 
-from gradclip_algo.blocks import block_size
+from gradclip_algo.blocks import block_size, reuse_block_size
 from gradclip_algo.distributed import Shards
-from gradclip_algo.norms import unit_ndim, unit_norms
+from gradclip_algo.norms import group_by_device_and_dtype, unit_ndim, unit_norms
 from gradclip_algo.stats import ClipStats
 
 AGC_EPS = 1e-3  # the paper's floor on the weight norm
@@ -26,33 +26,107 @@ def agc_coefficients(grad_norms: Tensor, weight_norms: Tensor, clipping: float, 
 
 
 def _unit_stats(grad_norms: Tensor, coef: Tensor) -> Tensor:
-    """``[Σ‖G_u‖², Σ(c_u‖G_u‖)², #units clipped, #units]`` (fp32): summed at once, so no per-unit vector
-    outlives its tensor."""
-    grad_norms, coef = grad_norms.to(torch.float32), coef.to(torch.float32)
+    """``[Σ‖G_u‖², Σ(c_u‖G_u‖)², #units clipped, #units]`` (fp32) of one part; overwrites ``coef``."""
+    grad_norms, coef = grad_norms.to(torch.float32).view(-1), coef.to(torch.float32).view(-1)
+    clipped_norms = grad_norms * coef
     return torch.stack(
         [
-            grad_norms.square().sum(),
-            (grad_norms * coef).square().sum(),
-            (coef < 1.0).sum(dtype=torch.float32),
+            torch.dot(grad_norms, grad_norms),
+            torch.dot(clipped_norms, clipped_norms),
+            torch.count_nonzero(coef.sub_(1.0)).to(torch.float32),  # coef <= 1: coef - 1 < 0 if clipped
             torch.full((), float(coef.numel()), device=coef.device),
         ]
     )
 
 
-def _clip_units_(grad: Tensor, weight: Tensor, ndim: int, clipping: float, eps: float) -> Tensor:
-    """Clip ``grad`` unit by unit (units = its last ``ndim`` dims); return its :func:`_unit_stats`."""
+class _UnitStatsSum:
+    """The :func:`_unit_stats` of many parts (tensors, row blocks, stacks of small tensors), summed.
+
+    Each part's ``(‖G_u‖, c_u)`` is held until the held parts have ``limit`` units, then they are reduced
+    together: a dozen tiny ops per batch of parts instead of per part, in memory bounded by ``limit``.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held: list[tuple[Tensor, Tensor]] = []
+        self.units = 0
+        self.reduced: list[Tensor] = []
+
+    def add(self, grad_norms: Tensor, coef: Tensor) -> None:
+        self.held.append((grad_norms.view(-1), coef.view(-1)))
+        self.units += coef.numel()
+        if self.units >= self.limit:
+            self._reduce()
+
+    def _reduce(self) -> None:
+        norms, coefs = (torch.cat(parts) for parts in zip(*self.held, strict=True))
+        self.held, self.units = [], 0  # frees the parts before the statistics' temporaries are made
+        self.reduced.append(_unit_stats(norms, coefs))
+
+    def total(self) -> Tensor | None:
+        """The summed statistics, or ``None`` if no part was added."""
+        if self.held:
+            self._reduce()
+        return torch.stack(self.reduced).sum(0) if self.reduced else None
+
+
+def _clip_units_(
+    grad: Tensor, weight: Tensor, ndim: int, clipping: float, eps: float
+) -> tuple[Tensor, Tensor]:
+    """Clip ``grad`` unit by unit (units = its last ``ndim`` dims); return ``(‖G_u‖, c_u)``.
+
+    The weight norms come first, so that the grad is still in cache when it is multiplied.
+    """
+    weight_norms = unit_norms(weight, ndim)
     grad_norms = unit_norms(grad, ndim)
-    coef = agc_coefficients(grad_norms, unit_norms(weight, ndim), clipping, eps)
+    coef = agc_coefficients(grad_norms, weight_norms, clipping, eps)
     grad.mul_(coef)
-    return _unit_stats(grad_norms, coef)
+    return grad_norms, coef
 
 
-def _clip_stacked_(grads: list[Tensor], weights: list[Tensor], clipping: float, eps: float) -> Tensor:
-    """Clip small tensors of one shape with a few ops on their stack, then write the grads back."""
-    stack = torch.stack(grads)
-    result = _clip_units_(stack, torch.stack(weights), unit_ndim(grads[0]), clipping, eps)
-    torch._foreach_copy_(grads, stack.unbind(0))
-    return result
+def _clip_large_(
+    grad: Tensor, weight: Tensor, clipping: float, eps: float, block: int, stats: _UnitStatsSum
+) -> None:
+    """Clip one large tensor, a block of whole units (rows, filters) of at most ``block`` elements at a
+    time: each block of the grad is read from memory once, its multiply then runs in cache."""
+    ndim = unit_ndim(grad)
+    blocks = -(-grad.numel() // block)  # as few as fit, of equal size
+    if grad.ndim < 2 or blocks == 1:  # one unit, or one block
+        stats.add(*_clip_units_(grad, weight, ndim, clipping, eps))
+        return
+    rows = -(-grad.shape[0] // blocks)
+    for grad_rows, weight_rows in zip(grad.split(rows), weight.split(rows), strict=True):
+        stats.add(*_clip_units_(grad_rows, weight_rows, ndim, clipping, eps))
+
+
+def _clip_stacked_(
+    grads: list[Tensor], weights: list[Tensor], clipping: float, eps: float, buffer: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Clip small tensors of one shape with a few ops on their stack: the unit norms of the stacked
+    weights, then of the stacked grads in the same ``buffer``; the grads are scaled on the stack and
+    copied back. Returns ``(‖G_u‖, c_u)``, each shaped ``[len(grads), unit dims kept as 1]``."""
+    ndim = unit_ndim(grads[0])
+    stack = buffer[: len(grads) * grads[0].numel()].view(len(grads), *grads[0].shape)
+    weight_norms = unit_norms(torch.stack(weights, out=stack), ndim)
+    grad_norms = unit_norms(torch.stack(grads, out=stack), ndim)
+    coef = agc_coefficients(grad_norms, weight_norms, clipping, eps)
+    torch.unbind_copy(stack.mul_(coef), 0, out=grads)
+    return grad_norms, coef
+
+
+def _clip_same_shape_(
+    grads: list[Tensor],
+    weights: list[Tensor],
+    clipping: float,
+    eps: float,
+    buffer: Tensor,
+    stats: _UnitStatsSum,
+) -> None:
+    """Clip many small tensors of one shape, as many at a time as ``buffer`` holds (:func:`_clip_stacked_`)."""
+    per_stack = max(1, buffer.numel() // max(1, grads[0].numel()))
+    for start in range(0, len(grads), per_stack):
+        chunk = slice(start, start + per_stack)
+        stats.add(*_clip_stacked_(grads[chunk], weights[chunk], clipping, eps, buffer))
 
 
 def _clip_spread_(shards: Shards, indices: list[int], clipping: float, eps: float) -> list[UnitStats]:
@@ -82,21 +156,29 @@ def adaptive_clip_grad(shards: Shards, clipping: float, eps: float = AGC_EPS) ->
         )
     spread = [i for i, whole in enumerate(shards.units_whole) if not whole]
     results = _clip_spread_(shards, spread, clipping, eps) if spread else []
-    size = block_size(shards.device, sum(g.numel() for g in shards.grads))
-    stackable: dict[tuple, list[int]] = defaultdict(list)
-    for i, (grad, weight) in enumerate(zip(shards.grads, shards.params, strict=True)):
-        if not shards.units_whole[i]:
-            continue
-        if grad.numel() * 4 < size:
-            stackable[(grad.shape, grad.dtype, grad.device, shards.split[i])].append(i)
-        else:
-            results.append((_clip_units_(grad, weight, unit_ndim(grad), clipping, eps), shards.split[i]))
-    for (shape, _, _, split), indices in stackable.items():
-        per_block = max(1, size // max(1, shape.numel()))
-        for start in range(0, len(indices), per_block):
-            chunk = indices[start : start + per_block]
-            grads, weights = [shards.grads[i] for i in chunk], [shards.params[i] for i in chunk]
-            results.append((_clip_stacked_(grads, weights, clipping, eps), split))
+    grads, weights, split, whole = shards.grads, shards.params, shards.split, shards.units_whole
+    shapes = [grad.shape for grad in grads]
+    total = sum(shape.numel() for shape in shapes)
+    # two thirds of the memory for stacking small tensors, one third for the per-unit statistics held
+    # (a norm and a factor per unit, and their concatenation when they are summed: 4 values per unit)
+    size = block_size(shards.device, total, buffers=1.5)
+    held_units = block_size(shards.device, total, buffers=3) // 4
+    for (device, dtype), group in group_by_device_and_dtype(grads).items():
+        stats = {is_split: _UnitStatsSum(held_units) for is_split in (False, True)}
+        stackable: dict[tuple, list[int]] = defaultdict(list)
+        for i in group:
+            if whole[i] and shapes[i].numel() * 4 < size:
+                stackable[(shapes[i], split[i])].append(i)
+            elif whole[i]:
+                block = reuse_block_size(device)
+                _clip_large_(grads[i], weights[i], clipping, eps, block, stats[split[i]])
+        buffer = torch.empty(size if stackable else 0, dtype=dtype, device=device)
+        for (_, is_split), indices in stackable.items():
+            same_shape = [grads[i] for i in indices], [weights[i] for i in indices]
+            _clip_same_shape_(*same_shape, clipping, eps, buffer, stats[is_split])
+        results += [
+            (total, is_split) for is_split, part in stats.items() if (total := part.total()) is not None
+        ]
     return _agc_stats(shards, results)
 
 

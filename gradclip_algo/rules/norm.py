@@ -16,7 +16,7 @@ def clip_grad_norm(shards: Shards, max_norm: float, norm_type: float = 2.0) -> C
 
     The multiply always runs (a factor of 1 when under the threshold), so no host sync is needed.
     """
-    norm = shards.global_norm(shards.grads, norm_type)
+    norm = shards.global_norm(norm_type)
     coef = torch.clamp(max_norm / (norm + NORM_EPS), max=1.0)
     scale_(shards.grads, coef)
     return ClipStats(

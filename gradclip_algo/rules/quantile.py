@@ -42,7 +42,7 @@ def quantile_clip(
     bounds memory and the sort, and lets the threshold follow the norm's drift over a long run. Non-finite
     norms are not recorded. Defaults: p = 10 (the paper's choice), window = 1000.
     """
-    norm = shards.global_norm(shards.grads, 2.0)
+    norm = shards.global_norm(2.0)
     record_(state, norm)
     percentile_norm = torch.nanquantile(state["norms"], percentile / 100.0)
     # NaN while no finite norm was ever recorded: then only the ceiling applies

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gradclip_algo.blocks import block_size, for_each_block
+from gradclip_algo.blocks import block_size, flat_blocks, packed_blocks
 from gradclip_algo.distributed import Shards
 from gradclip_algo.norms import group_by_device_and_dtype, sum_of_squares
 from gradclip_algo.stats import ClipStats
@@ -18,32 +18,53 @@ def _count_nonzero_(block: Tensor) -> Tensor:
     return torch.count_nonzero(block)
 
 
+def _split_by_size(
+    grads: list[Tensor], device: torch.device, buffers: int
+) -> tuple[int, list[Tensor], list[Tensor]]:
+    """``(block size, large, small)``: the :func:`block_size` for ``grads`` (one device) and a rule holding
+    ``buffers`` blocks, the grads of at least that many elements, and the rest."""
+    numels = [g.numel() for g in grads]
+    size = block_size(device, sum(numels), buffers)
+    if max(numels) < size:  # the common case of many small grads: no second pass over them
+        return size, [], grads
+    large = [g for g, n in zip(grads, numels, strict=True) if n >= size]
+    return size, large, [g for g, n in zip(grads, numels, strict=True) if n < size]
+
+
+def _clamp_small_(grads: list[Tensor], clip_value: float) -> None:
+    """Clamp many small grads (one device and dtype) by one foreach kernel pair."""
+    if grads:
+        torch._foreach_clamp_min_(grads, -clip_value)
+        torch._foreach_clamp_max_(grads, clip_value)
+
+
 def clamp_grads(shards: Shards, clip_value: float) -> None:
     """Clamp every grad to ``[-λ, λ]`` in place and nothing else: one pass over large grads, one foreach
     kernel pair over each device and dtype group of small ones."""
     grads = shards.grads
-    for (device, _), indices in group_by_device_and_dtype(grads).items():
-        size = block_size(device, sum(grads[i].numel() for i in indices))
-        small = [grads[i] for i in indices if grads[i].numel() < size]
-        for i in indices:
-            if grads[i].numel() >= size:
-                grads[i].clamp_(-clip_value, clip_value)
-        if small:
-            torch._foreach_clamp_min_(small, -clip_value)
-            torch._foreach_clamp_max_(small, clip_value)
+    groups = group_by_device_and_dtype(grads)
+    for (device, _), indices in groups.items():
+        _, large, small = _split_by_size(
+            grads if len(groups) == 1 else [grads[i] for i in indices], device, 1
+        )
+        for grad in large:
+            grad.clamp_(-clip_value, clip_value)
+        _clamp_small_(small, clip_value)
 
 
 def _clamp_with_stats(grads: list[Tensor], clip_value: float, device: torch.device) -> Tensor:
     """Clamp ``grads`` in place; return ``[Σg² before, #clipped, Σg² after, #elements]`` (fp32, on ``device``).
 
-    Each cache-sized block is read from memory once: its norm, the count of elements beyond ±λ
-    (the non-zeros of softshrink) and the clamp all run on the block while it is in cache.
+    Each cache-sized block is read from memory once: its norm, the count of elements beyond ±λ (the
+    non-zeros of softshrink) and the clamp all run on the block while it is in cache. Large grads are
+    cut into blocks clamped where they are; small ones are measured on packed copies, then clamped by
+    one foreach kernel pair (cheaper than writing thousands of copies back).
     """
     before, clipped, after = [], [], []
-    size = block_size(grads[0].device, sum(g.numel() for g in grads))
+    size, large, small = _split_by_size(grads, grads[0].device, buffers=2)  # a pack and the scratch
     scratch = torch.empty(size, dtype=grads[0].dtype, device=grads[0].device)
 
-    def process(block: Tensor) -> None:
+    def measure_and_clamp_(block: Tensor) -> None:
         before.append(sum_of_squares(block))
         # a strided grad comes whole (it cannot be cut into flat views) and may exceed the scratch buffer
         out = scratch[: block.numel()].view(block.shape) if block.numel() <= size else torch.empty_like(block)
@@ -52,7 +73,12 @@ def _clamp_with_stats(grads: list[Tensor], clip_value: float, device: torch.devi
         block.clamp_(-clip_value, clip_value)
         after.append(sum_of_squares(block))
 
-    for_each_block(grads, process)
+    for grad in large:
+        for block in flat_blocks(grad, size):
+            measure_and_clamp_(block)
+    for _, block in packed_blocks(small, size):
+        measure_and_clamp_(block.view(-1))
+    _clamp_small_(small, clip_value)
     sums = [torch.stack(values).to(device, torch.float32).sum() for values in (before, clipped, after)]
     return torch.stack([*sums, torch.full((), float(sum(g.numel() for g in grads)), device=device)])
 

@@ -52,7 +52,7 @@ def zscore_clip(
     A non-finite norm leaves the statistics untouched.
     Defaults (the paper's): alpha = 0.97, z_t = 2.5, W = 25.
     """
-    norm = shards.global_norm(shards.grads, 2.0)
+    norm = shards.global_norm(2.0)
     step, mean, var = state["step"], state["mean"], state["var"]
     warm = step < warmup_steps
     std = var.sqrt()
