@@ -13,7 +13,17 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.cases import FULL_CASES, SMOKE_CASES, Case, clipping_thresholds, grad_restorer, make_model
+from benchmarks.cases import (
+    FULL_CASES,
+    GPT2_BLOCKS,
+    SMOKE_BLOCKS,
+    SMOKE_CASES,
+    Case,
+    clipping_thresholds,
+    grad_restorer,
+    make_model,
+)
+from benchmarks.clipper_setups import time_setups
 from benchmarks.implementations import FLOOR, IMPLEMENTATIONS, deviations_from_reference, floor_candidates
 from benchmarks.memory import peak_extra_bytes
 from benchmarks.report import (
@@ -23,6 +33,7 @@ from benchmarks.report import (
     machine_description,
     overhead_table,
     results_markdown,
+    setups_table,
 )
 from benchmarks.timing import round_robin
 from benchmarks.trainer_overhead import measure_step_overhead, mlp_parameter_count
@@ -40,14 +51,19 @@ squares by ~5e-3, against fp64), so implementations that sum in another order di
 @dataclass(frozen=True)
 class Settings:
     cases: tuple[Case, ...]
+    setups_case: Case
     rounds: int
     warmup_rounds: int
     trainer_blocks: int
     trainer_steps_per_block: int
 
 
-FULL = Settings(FULL_CASES, rounds=30, warmup_rounds=1, trainer_blocks=15, trainer_steps_per_block=30)
-SMOKE = Settings(SMOKE_CASES, rounds=2, warmup_rounds=1, trainer_blocks=1, trainer_steps_per_block=2)
+FULL = Settings(
+    FULL_CASES, GPT2_BLOCKS, rounds=30, warmup_rounds=1, trainer_blocks=15, trainer_steps_per_block=30
+)
+SMOKE = Settings(
+    SMOKE_CASES, SMOKE_BLOCKS, rounds=2, warmup_rounds=1, trainer_blocks=1, trainer_steps_per_block=2
+)
 
 
 def device_runs() -> list[tuple[torch.device, torch.dtype]]:
@@ -115,6 +131,14 @@ def main(argv: list[str] | None = None) -> str:
         for case in settings.cases:
             tables.append(case_table(benchmark_case(case, device, dtype, settings)))
             print(tables[-1], end="\n\n", flush=True)
+    setups_seconds = time_setups(settings.setups_case, settings.rounds, settings.warmup_rounds)
+    tables.append(
+        setups_table(
+            f"Statistics-driven types and spike skipping: {settings.setups_case.describe()}, CPU float32",
+            setups_seconds,
+        )
+    )
+    print(tables[-1], end="\n\n", flush=True)
     step_times = measure_step_overhead(settings.trainer_blocks, settings.trainer_steps_per_block)
     tables.append(overhead_table(step_times, mlp_parameter_count()))
     print(tables[-1], end="\n\n")

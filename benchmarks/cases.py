@@ -53,12 +53,14 @@ def gpt2_shapes(
 
 
 GPT2_SMALL = Case("GPT-2 small", gpt2_shapes())
+GPT2_BLOCKS = Case("9 GPT-2 small blocks", gpt2_shapes(layers=9)[2:-2])  # no embeddings, no final norm
 MANY_SMALL = Case("5,000 x 32x32", ((32, 32),) * 5000)
 FULL_CASES = (GPT2_SMALL, MANY_SMALL)
 SMOKE_CASES = (
     Case("GPT-2 tiny", gpt2_shapes(vocab=64, context=16, width=8, layers=2)),
     Case("50 x 4x4", ((4, 4),) * 50),
 )
+SMOKE_BLOCKS = Case("2 GPT-2 tiny blocks", gpt2_shapes(vocab=64, context=16, width=8, layers=2)[2:-2])
 
 
 def make_model(case: Case, device: torch.device, dtype: torch.dtype, seed: int = 0) -> nn.ParameterList:

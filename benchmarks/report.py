@@ -120,6 +120,17 @@ def overhead_table(step_times: list[StepTime], parameters: int) -> str:
     return "\n".join(lines)
 
 
+def setups_table(title: str, seconds: dict[str, list[float]]) -> str:
+    """Median ms per clipper set-up and its ratio to the first (plain norm clipping)."""
+    medians = {label: statistics.median(values) for label, values in seconds.items()}
+    base_label, base = next(iter(medians.items()))
+    lines = [f"### {title}", "", f"| set-up | median ms | ÷ {base_label} |", "| --- | ---: | ---: |"]
+    lines += [f"| {label} | {median * MS:.1f} | {median / base:.2f} |" for label, median in medians.items()]
+    rounds = len(next(iter(seconds.values())))
+    lines.append(f"\nMedians over {rounds} interleaved rounds; the grads are restored before every call.")
+    return "\n".join(lines)
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as cpuinfo:

@@ -2,8 +2,8 @@
 
 Large contiguous grads are cut into views of at most :func:`block_size` elements; small ones are copied,
 a pack at a time, into one reusable buffer, so that thousands of tiny tensors cost a few large ops instead
-of thousands of small ones. Extra memory: the blocks a rule holds at once,
-together at most 1/128 of the grads' elements.
+of thousands of small ones. Extra memory: the buffers a rule holds at once, together at most 1/128 of the
+grads' elements.
 """
 
 from __future__ import annotations

@@ -133,6 +133,8 @@ def local_shards(
 
     ``grads``: the params' ``.grad`` where the caller has read them already.
     """
+    if not (dist.is_available() and dist.is_initialized()):  # no process group: no FSDP, no DTensor
+        return _whole(params, grads)
     fsdp1 = _fsdp1_modules(module)
     if fsdp1:
         groups = {id(m.process_group): m.process_group for m in fsdp1}
@@ -157,10 +159,15 @@ def local_shards(
         )
     dtensor = _dtensor_type()
     if dtensor is None or not any(issubclass(kind, dtensor) for kind in {type(p) for p in params}):
-        n = len(params)
-        grads = [p.grad for p in params] if grads is None else list(grads)
-        return Shards(list(params), grads, [False] * n, [True] * n)  # params are read under no_grad
+        return _whole(params, grads)
     return _dtensor_shards(params, dtensor)
+
+
+def _whole(params: Sequence[Tensor], grads: Sequence[Tensor] | None) -> Shards:
+    """The :class:`Shards` of whole tensors (one process, DDP); params are read under ``no_grad``."""
+    n = len(params)
+    grads = [p.grad for p in params] if grads is None else list(grads)
+    return Shards(list(params), grads, [False] * n, [True] * n)
 
 
 def _dtensor_shards(params: Sequence[Tensor], dtensor: type) -> Shards:

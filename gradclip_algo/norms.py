@@ -34,8 +34,8 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _cpu_power_sum(tensor: Tensor, norm_type: float) -> Tensor:
-    """The power sum of one large contiguous CPU tensor by the fastest kernel: BLAS dot for p = 2 (2x
-    vector_norm), aminmax for p = inf (10x torch's CPU inf-norm)."""
+    """The power sum of one contiguous CPU tensor (a large grad, or a block of packed small ones) by the
+    fastest kernel: BLAS dot for p = 2 (2x vector_norm), aminmax for p = inf (10x torch's CPU inf-norm)."""
     if norm_type == 2.0:
         return torch.dot(tensor.view(-1), tensor.view(-1))
     return torch.stack(torch.aminmax(tensor)).abs().max()
@@ -91,8 +91,9 @@ def power_sums(tensors: list[Tensor], norm_type: float, device: torch.device | N
 def _group_power_sum(tensors: list[Tensor], norm_type: float) -> Tensor:
     """The power sum of all ``tensors`` (one device, one dtype) together, 0-d fp32 or fp64.
 
-    On CPU, small contiguous tensors are packed into cache-sized blocks and each block goes to one BLAS
-    dot (p = 2) or aminmax (p = inf): a few kernels instead of one per tensor. Elsewhere: per-tensor sums.
+    On CPU, tensors under 16 K elements are copied a pack at a time into a cache-sized block
+    (:func:`~gradclip_algo.blocks.packed_blocks`) that goes to one BLAS dot (p = 2) or aminmax (p = inf):
+    a few kernels instead of one per tensor. Elsewhere: per-tensor sums, one foreach kernel.
     """
     first = tensors[0]
     if not _has_cpu_kernel(first, norm_type):
@@ -120,11 +121,13 @@ def power_sum(tensors: list[Tensor], norm_type: float, device: torch.device | No
         return torch.zeros((), dtype=torch.float32, device=device)
     device = device if device is not None else tensors[0].device
     groups = group_by_device_and_dtype(tensors)
+    if len(groups) == 1:
+        return _group_power_sum(tensors, norm_type).to(device, torch.float32)
     sums = [
         _group_power_sum([tensors[i] for i in indices], norm_type).to(device, torch.float32)
         for indices in groups.values()
     ]
-    return combine(torch.stack(sums), norm_type) if len(sums) > 1 else sums[0]
+    return combine(torch.stack(sums), norm_type)
 
 
 def sum_of_squares(tensor: Tensor) -> Tensor:

@@ -21,6 +21,7 @@ from benchmarks.cases import (  # noqa: E402
     grad_restorer,
     make_model,
 )
+from benchmarks.clipper_setups import SETUPS  # noqa: E402
 from benchmarks.implementations import (  # noqa: E402
     FLOOR,
     IMPLEMENTATIONS,
@@ -94,6 +95,9 @@ def test_smoke_run_writes_every_row(tmp_path: Path) -> None:
             median_ms, ratio = float(row[2]), float(row[4])
             assert median_ms >= 0 and ratio > 0
         assert "norm λ =" in section and "value λ = 0.001" in section and "adaptive λ = 0.01" in section
+    setups_section = next(s for s in sections if s.startswith("Statistics-driven types and spike skipping"))
+    for setup in SETUPS:
+        assert f"| {setup.label} |" in setups_section
     trainer_section = next(s for s in sections if s.startswith("Composer training step"))
     for label in CONFIGURATIONS:
         assert f"| {label} |" in trainer_section
