@@ -147,7 +147,9 @@ def adaptive_clip_grad(shards: Shards, clipping: float, eps: float = AGC_EPS) ->
 
     Units are output rows/filters for tensors of 2+ dims and the whole tensor for 0-D and 1-D ones.
     The floor ε keeps zero-initialised parameters trainable. Norms are L2 and computed in fp32.
-    Small tensors of one shape are clipped together on their stack, a block at a time.
+    A large tensor is clipped a cache-sized block of whole units at a time (its weights' norms, its grads'
+    norms, then the multiply, while the grads are still in cache); small tensors of one shape are clipped
+    together on their stack.
     """
     if shards.layout == "fsdp1":  # refused on every rank alike, also one that holds no grads
         raise ValueError(
@@ -158,11 +160,11 @@ def adaptive_clip_grad(shards: Shards, clipping: float, eps: float = AGC_EPS) ->
     results = _clip_spread_(shards, spread, clipping, eps) if spread else []
     grads, weights, split, whole = shards.grads, shards.params, shards.split, shards.units_whole
     shapes = [grad.shape for grad in grads]
-    total = sum(shape.numel() for shape in shapes)
+    numel = sum(shape.numel() for shape in shapes)
     # two thirds of the memory for stacking small tensors, one third for the per-unit statistics held
     # (a norm and a factor per unit, and their concatenation when they are summed: 4 values per unit)
-    size = block_size(shards.device, total, buffers=1.5)
-    held_units = block_size(shards.device, total, buffers=3) // 4
+    size = block_size(shards.device, numel, buffers=1.5)
+    held_units = block_size(shards.device, numel, buffers=3) // 4
     for (device, dtype), group in group_by_device_and_dtype(grads).items():
         stats = {is_split: _UnitStatsSum(held_units) for is_split in (False, True)}
         stackable: dict[tuple, list[int]] = defaultdict(list)
@@ -177,7 +179,7 @@ def adaptive_clip_grad(shards: Shards, clipping: float, eps: float = AGC_EPS) ->
             same_shape = [grads[i] for i in indices], [weights[i] for i in indices]
             _clip_same_shape_(*same_shape, clipping, eps, buffer, stats[is_split])
         results += [
-            (total, is_split) for is_split, part in stats.items() if (total := part.total()) is not None
+            (summed, is_split) for is_split, part in stats.items() if (summed := part.total()) is not None
         ]
     return _agc_stats(shards, results)
 
