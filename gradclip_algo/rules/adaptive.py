@@ -22,7 +22,7 @@ def agc_coefficients(grad_norms: Tensor, weight_norms: Tensor, clipping: float, 
 
     ``M_u > 0``, so a zero grad norm gives ``inf``, clamped to 1: no division guard is needed.
     """
-    return (weight_norms.clamp(min=eps) * clipping / grad_norms).clamp_(max=1.0)
+    return weight_norms.clamp(min=eps).mul_(clipping).div_(grad_norms).clamp_(max=1.0)
 
 
 def _unit_stats(grad_norms: Tensor, coef: Tensor) -> Tensor:
@@ -100,13 +100,13 @@ def _clip_large_(
 
 
 def _clip_stacked_(
-    grads: list[Tensor], weights: list[Tensor], clipping: float, eps: float, buffer: Tensor
+    grads: list[Tensor], weights: list[Tensor], clipping: float, eps: float, stack: Tensor
 ) -> tuple[Tensor, Tensor]:
     """Clip small tensors of one shape with a few ops on their stack: the unit norms of the stacked
-    weights, then of the stacked grads in the same ``buffer``; the grads are scaled on the stack and
-    copied back. Returns ``(‖G_u‖, c_u)``, each shaped ``[len(grads), unit dims kept as 1]``."""
+    weights, then of the stacked grads in the same buffer ``stack`` (shaped ``[len(grads), *shape]``); the
+    grads are scaled on the stack and copied back. Returns ``(‖G_u‖, c_u)``, each shaped
+    ``[len(grads), unit dims kept as 1]``."""
     ndim = unit_ndim(grads[0])
-    stack = buffer[: len(grads) * grads[0].numel()].view(len(grads), *grads[0].shape)
     weight_norms = unit_norms(torch.stack(weights, out=stack), ndim)
     grad_norms = unit_norms(torch.stack(grads, out=stack), ndim)
     coef = agc_coefficients(grad_norms, weight_norms, clipping, eps)
@@ -123,10 +123,13 @@ def _clip_same_shape_(
     stats: _UnitStatsSum,
 ) -> None:
     """Clip many small tensors of one shape, as many at a time as ``buffer`` holds (:func:`_clip_stacked_`)."""
-    per_stack = max(1, buffer.numel() // max(1, grads[0].numel()))
+    per_stack = min(len(grads), max(1, buffer.numel() // max(1, grads[0].numel())))
+    stack = buffer[: per_stack * grads[0].numel()].view(per_stack, *grads[0].shape)
     for start in range(0, len(grads), per_stack):
         chunk = slice(start, start + per_stack)
-        stats.add(*_clip_stacked_(grads[chunk], weights[chunk], clipping, eps, buffer))
+        count = min(per_stack, len(grads) - start)
+        part = stack if count == per_stack else stack[:count]
+        stats.add(*_clip_stacked_(grads[chunk], weights[chunk], clipping, eps, part))
 
 
 def _clip_spread_(shards: Shards, indices: list[int], clipping: float, eps: float) -> list[UnitStats]:
