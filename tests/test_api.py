@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
@@ -67,6 +68,20 @@ def test_a_modules_parameters_are_found_as_torch_lists_them() -> None:
     named = named_parameters(model)
     assert [id(p) for _, p in named] == [id(p) for p in model.parameters()]
     assert [name for name, _ in named] == [name for name, _ in model.named_parameters()]
+
+
+def test_modules_are_walked_without_hashing_them() -> None:
+    """Composer models hold torchmetrics metrics, whose ``__hash__`` is costly: the walk never calls it."""
+
+    class NoHash(nn.Linear):
+        def __hash__(self) -> int:
+            raise AssertionError("a module was hashed")
+
+    model = nn.Sequential(nn.Linear(2, 2), NoHash(2, 2))
+    model[0].weight.grad = torch.full((2, 2), 3.0)
+    model[1].bias.grad = torch.full((2,), 4.0)
+    stats = apply_gradient_clipping(model, "norm", 1.0)
+    assert stats.grad_norm.item() == pytest.approx(math.sqrt(4 * 9 + 2 * 16))
 
 
 def test_mixed_dtypes_in_one_call() -> None:
