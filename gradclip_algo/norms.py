@@ -100,11 +100,13 @@ def _group_power_sum(tensors: list[Tensor], norm_type: float) -> Tensor:
         return combine(_group_power_sums(tensors, norm_type), norm_type)
     numels = [t.numel() for t in tensors]
     small = [t for t, n in zip(tensors, numels, strict=True) if 0 < n < _CPU_DOT_MIN_NUMEL]
-    rest = [t for t, n in zip(tensors, numels, strict=True) if n >= _CPU_DOT_MIN_NUMEL]
+    large = [t for t, n in zip(tensors, numels, strict=True) if n >= _CPU_DOT_MIN_NUMEL]
     size = block_size(first.device, sum(numels))
     parts = [_cpu_power_sum(block.view(-1), norm_type) for _, block in packed_blocks(small, size)]
-    if rest:
-        parts.append(combine(_group_power_sums(rest, norm_type), norm_type))
+    parts += [_cpu_power_sum(t, norm_type) for t in large if t.is_contiguous()]
+    strided = [t for t in large if not t.is_contiguous()]
+    if strided:
+        parts.append(combine(_group_power_sums(strided, norm_type), norm_type))
     if not parts:  # only empty tensors
         return torch.zeros((), dtype=_accumulation_dtype(first.dtype), device=first.device)
     return combine(torch.stack(parts).to(_accumulation_dtype(first.dtype)), norm_type)

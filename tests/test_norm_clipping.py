@@ -99,14 +99,15 @@ def test_large_tensors_take_the_cpu_dot_path_and_match_torch() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_packed_small_tensors_of_every_kind_match_torch(norm_type: float, dtype: torch.dtype) -> None:
     """Small CPU grads are packed into blocks by shape (1-D ones of any length together) before one kernel
-    per block: many packs of one shape, 1-D of mixed lengths, 0-d, empty and strided grads, and a large one."""
+    per block: many packs of one shape, 1-D of mixed lengths, 0-d, empty and strided grads, and large ones."""
     gen = torch.Generator().manual_seed(4)
     shapes = [*[(7, 9)] * 300, *[(n,) for n in range(1, 60)], (), (), (0,), (0, 4), (3, 5, 4), (300, 200)]
     params = [torch.nn.Parameter(torch.zeros(s, dtype=dtype)) for s in shapes]
     for param in params:
         param.grad = torch.randn(param.shape, generator=gen, dtype=dtype)
-    params.append(torch.nn.Parameter(torch.zeros(30, 20, dtype=dtype)))
-    params[-1].grad = torch.randn(20, 30, generator=gen, dtype=dtype).t()  # small and strided
+    for rows, cols in ((30, 20), (300, 200)):  # strided, small and large
+        params.append(torch.nn.Parameter(torch.zeros(rows, cols, dtype=dtype)))
+        params[-1].grad = torch.randn(cols, rows, generator=gen, dtype=dtype).t()
     reference = [torch.nn.Parameter(p.detach().clone()) for p in params]
     for ref, param in zip(reference, params, strict=True):
         ref.grad = param.grad.clone()
