@@ -13,8 +13,12 @@ from gradclip_algo.stats import ClipStats
 
 def _count_nonzero_(block: Tensor) -> Tensor:
     """Non-zeros of ``block`` (overwritten with its signs); on CPU ``Σ sign²`` by BLAS is 2x count_nonzero."""
-    if block.device.type == "cpu" and block.dtype in (torch.float32, torch.float64):
-        return sum_of_squares(block.sign_())  # exact: a block's count is far below 2^24
+    if (
+        block.device.type == "cpu"
+        and block.dtype in (torch.float32, torch.float64)
+        and block.numel() < 1 << 24
+    ):
+        return sum_of_squares(block.sign_())  # exact: the count is below 2^24
     return torch.count_nonzero(block)
 
 
