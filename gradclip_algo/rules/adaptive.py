@@ -170,12 +170,12 @@ def adaptive_clip_grad(shards: Shards, clipping: float, eps: float = AGC_EPS) ->
     held_units = block_size(shards.device, numel, buffers=3) // 4
     for (device, dtype), group in group_by_device_and_dtype(grads).items():
         stats = {is_split: _UnitStatsSum(held_units) for is_split in (False, True)}
+        block = reuse_block_size(device)
         stackable: dict[tuple, list[int]] = defaultdict(list)
         for i in group:
             if whole[i] and shapes[i].numel() * 4 < size:
                 stackable[(shapes[i], split[i])].append(i)
             elif whole[i]:
-                block = reuse_block_size(device)
                 _clip_large_(grads[i], weights[i], clipping, eps, block, stats[split[i]])
         buffer = torch.empty(size if stackable else 0, dtype=dtype, device=device)
         for (_, is_split), indices in stackable.items():
