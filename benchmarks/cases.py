@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from gradclip_algo import global_norm
+from gradclip_algo import get_total_norm
 
 Shape = tuple[int, ...]
 
@@ -95,7 +95,7 @@ def clipping_thresholds(model: nn.Module) -> dict[str, float]:
     """
     grads = [param.grad for param in model.parameters()]
     return {
-        "norm": 0.5 * global_norm(grads, 2.0, grads[0].device).item(),
+        "norm": 0.5 * get_total_norm(grads, 2.0, grads[0].device).item(),
         "value": 1e-3,
         "adaptive": 0.01,
     }

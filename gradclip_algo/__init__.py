@@ -11,12 +11,11 @@ from typing import Any
 
 from gradclip_algo.clipper import GradientClipper
 from gradclip_algo.functional import apply_gradient_clipping
+from gradclip_algo.kernels import unit_norms
 from gradclip_algo.nonfinite import NONFINITE_MODES, NonFiniteGradError
-from gradclip_algo.norms import global_norm, unit_norms
+from gradclip_algo.norms import get_total_norm
 from gradclip_algo.rules import CLIPPING_TYPES
-from gradclip_algo.rules.adaptive import adaptive_clip_grad
-from gradclip_algo.rules.norm import clip_grad_norm
-from gradclip_algo.rules.value import clip_grad_value
+from gradclip_algo.scaling import clip_coefficient, clip_grads_with_norm_
 from gradclip_algo.stats import ClipStats
 
 _LAZY = {"GradientClipping": "gradclip_algo.algorithm", "build_algorithms": "gradclip_algo.config"}
@@ -29,12 +28,11 @@ __all__ = [
     "GradientClipper",
     "GradientClipping",
     "NonFiniteGradError",
-    "adaptive_clip_grad",
     "apply_gradient_clipping",
     "build_algorithms",
-    "clip_grad_norm",
-    "clip_grad_value",
-    "global_norm",
+    "clip_coefficient",
+    "clip_grads_with_norm_",
+    "get_total_norm",
     "unit_norms",
 ]
 

@@ -28,7 +28,8 @@ from composer.loggers import Logger
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from gradclip_algo.norms import global_norm, unit_norms
+from gradclip_algo.kernels import unit_norms
+from gradclip_algo.norms import get_total_norm
 from gradclip_algo.rules.adaptive import AGC_EPS
 from gradclip_algo.train.run import build_parts, create_run_folder, make_trainer
 from gradclip_algo.train.run_config import RunConfig, RunConfigError, load_run_config
@@ -55,7 +56,11 @@ class CalibrationRecorder(Callback):
         device = grads[0].device
         self._norms.append(
             torch.stack(
-                [global_norm(grads, 2.0, device), global_norm(grads, math.inf, device), global_norm(weights)]
+                [
+                    get_total_norm(grads, 2.0, device),
+                    get_total_norm(grads, math.inf, device),
+                    get_total_norm(weights),
+                ]
             )
         )
         ratios = torch.cat(

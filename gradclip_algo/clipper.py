@@ -1,16 +1,29 @@
-"""``GradientClipper``: a validated clipping set-up, with the statistics of stateful rules."""
+"""``GradientClipper``: a validated clipping set-up, with the statistics of stateful rules.
+
+A call runs four steps, each wrapping the rule rather than living inside it:
+
+1. collect the parameters with grads, less the excluded ones (:mod:`gradclip_algo.parameters`);
+2. handle non-finite grads (:mod:`gradclip_algo.nonfinite`);
+3. skip a step whose norm spikes (:mod:`gradclip_algo.spikes`);
+4. run the rule (:mod:`gradclip_algo.rules`).
+
+The global norm is computed at most once per norm type and shared by steps 2 to 4.
+"""
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from gradclip_algo.distributed import Shards, local_shards
-from gradclip_algo.nonfinite import NONFINITE_MODES, nonfinite_error, nonfinite_on_any_rank, zero_nonfinite_
-from gradclip_algo.parameters import Parameters, exclusion_filter, named_parameters, params_with_grads
-from gradclip_algo.rules import CLIPPING_TYPES, RULES
+from gradclip_algo.nonfinite import NONFINITE_MODES, nonfinite_error, on_any_rank, zero_nonfinite_
+from gradclip_algo.norm_history import check_history
+from gradclip_algo.parameters import Exclusion, Named, Parameters, collect, with_grads
+from gradclip_algo.rules import CLIPPING_TYPES, RULES, State
 from gradclip_algo.spikes import (
     SPIKE_WINDOW,
     check_spike_limit,
@@ -36,6 +49,9 @@ class GradientClipper:
     the mean of the last ``spike_window`` (default 128) norms by more than k standard deviations: every
     grad becomes ``None`` and ``ClipStats.skipped`` is ``True`` (see :mod:`gradclip_algo.spikes`; one host
     sync per step).
+
+    Warnings, once per clipper: an ``exclude`` glob that matches no parameter name, and a call whose
+    tensors neither have a grad nor require one (gradients passed in place of parameters).
     """
 
     def __init__(self, clipping_type: str, clipping_threshold: float, **options: Any) -> None:
@@ -45,11 +61,8 @@ class GradientClipper:
         self.clipping_threshold = check_positive_number(
             "clipping_threshold", clipping_threshold, allow_inf=self.rule.threshold_may_be_inf
         )
-        check_known_options(clipping_type, options, (*self.rule.options, *COMMON_OPTIONS))
-        self.rule_options = {
-            name: validate(name, options.get(name, default))
-            for name, (default, validate) in self.rule.options.items()
-        }
+        check_known_options(clipping_type, options, (*self.rule.options.names(), *COMMON_OPTIONS))
+        self.options = self.rule.options(**{k: v for k, v in options.items() if k not in COMMON_OPTIONS})
         nonfinite = check_choice("nonfinite", options.get("nonfinite", "propagate"), NONFINITE_MODES)
         if check_bool("error_if_nonfinite", options.get("error_if_nonfinite", False)):
             if nonfinite not in ("propagate", "error"):
@@ -57,11 +70,17 @@ class GradientClipper:
             nonfinite = "error"
         self.nonfinite = nonfinite
         self.exclude = options.get("exclude")
-        exclusion_filter(self.exclude)  # validates the patterns
+        self.exclusion = Exclusion(self.exclude)
         self.skip_spikes = check_spike_limit("skip_spikes", options.get("skip_spikes"))
+        if "spike_window" in options and self.skip_spikes is None:
+            raise ValueError(
+                f"spike_window: {options['spike_window']!r} has no effect without skip_spikes; set "
+                "skip_spikes (e.g. 6.0) too, or drop spike_window"
+            )
         self.spike_window = check_spike_window("spike_window", options.get("spike_window", SPIKE_WINDOW))
-        self.state: dict[str, Any] | None = None
-        self.spike_state: dict[str, Any] | None = None
+        self.state: State | None = None
+        self.spike_state: State | None = None
+        self._warned = False
 
     @torch.no_grad()
     def __call__(self, parameters: Parameters, with_stats: bool = True) -> ClipStats | None:
@@ -70,47 +89,77 @@ class GradientClipper:
         ``with_stats=False`` returns ``None`` and skips the statistics where they cost extra passes over
         the grads ('value': its norms and clipped count); the clipping itself is the same.
         """
-        # a Module's names cost more than the clipping of small tensors: built only for ``exclude`` or errors
+        check_bool("with_stats", with_stats)
         module = parameters if isinstance(parameters, nn.Module) else None
-        everything = named_parameters(parameters, names=self.exclude is not None)
-        named, grads = params_with_grads(everything, self.exclude, module)
-        shards = local_shards([param for _, param in named], module, grads)
+        everything = collect(parameters, names=bool(self.exclusion))
+        selected, grads = with_grads(everything, self.exclusion if self.exclusion else None, module)
+        if not self._warned:
+            self._warn_about(everything, selected)
+        shards = local_shards([item.param for item in selected], module, grads)
         if not shards.grads and shards.group is None:  # a sharded rank without grads still joins reductions
             return ClipStats.empty()
         if self.nonfinite == "zero":
             zero_nonfinite_(shards.grads)
-        elif self.nonfinite in ("error", "skip") and nonfinite_on_any_rank(shards.grads, shards.device):
-            if self.nonfinite == "error":
-                if module is not None:
-                    named, _ = params_with_grads(named_parameters(module), self.exclude)
-                raise nonfinite_error(named, shards.grads)
-            return _skip_step(everything, shards.global_norm(self.rule_options.get("norm_type", 2.0)))
+        elif self.nonfinite in ("error", "skip"):
+            norm = shards.global_norm(self.options.stats_norm_type)
+            if on_any_rank(~torch.isfinite(norm)):  # the host sync these modes need
+                if self.nonfinite == "error":
+                    raise self._nonfinite_error(selected, module, shards, norm)
+                return _skip_step(everything, norm)
         if self.skip_spikes is not None:
             if self.spike_state is None:
                 self.spike_state = init_spike_state(shards.device, self.spike_window)
             _move_to_(self.spike_state, shards.device)
             norm = shards.global_norm(2.0)
-            if bool(is_spike_(norm, self.spike_state, self.skip_spikes)):  # the sync skipping needs
+            if bool(is_spike_(norm, self.spike_state, self.skip_spikes)):  # the host sync skipping needs
                 return _skip_step(everything, norm)
         if not with_stats and self.rule.clip_without_stats is not None:
-            self.rule.clip_without_stats(shards, self.clipping_threshold, **self.rule_options)
+            self.rule.clip_without_stats(shards, self.clipping_threshold)
             return None
         stats = self._clip(shards)
         return stats if with_stats else None
 
     def _clip(self, shards: Shards) -> ClipStats:
-        """The rule on ``shards``, with its statistics for a stateful rule (made at the first call)."""
-        if not self.rule.stateful:
-            return self.rule.clip(shards, self.clipping_threshold, **self.rule_options)
+        """The rule on ``shards``; a stateful rule's state is made at the first call."""
+        if self.rule.clip is not None:
+            return self.rule.clip(shards, self.clipping_threshold, self.options)
+        assert self.rule.init is not None and self.rule.update is not None
         if self.state is None:
-            self.state = self.rule.init_state(shards.device, **self.rule_options)
+            self.state = self.rule.init(self.options, shards.device)
         _move_to_(self.state, shards.device)
-        return self.rule.clip(shards, self.clipping_threshold, self.state, **self.rule_options)
+        return self.rule.update(shards, self.clipping_threshold, self.options, self.state)
+
+    def _warn_about(self, everything: list[Named], selected: list[Named]) -> None:
+        """Warn, once per clipper, where a setting or the input would make the call do nothing."""
+        unmatched = self.exclusion.unmatched()
+        if unmatched and everything:
+            examples = ", ".join(repr(n) for item in everything[:3] for n in item.names[:1])
+            warnings.warn(
+                f"exclude: pattern(s) {', '.join(map(repr, unmatched))} match no parameter name (names look "
+                f"like {examples}); nothing is excluded by them",
+                stacklevel=3,
+            )
+            self._warned = True
+        if everything and not selected and not any(item.param.requires_grad for item in everything):
+            warnings.warn(
+                f"parameters: none of the {len(everything)} tensors has a .grad or requires grad, so "
+                "nothing is clipped; pass the parameters (e.g. model.parameters()), not their gradients",
+                stacklevel=3,
+            )
+            self._warned = True
+
+    def _nonfinite_error(
+        self, selected: list[Named], module: nn.Module | None, shards: Shards, norm: Tensor
+    ) -> Exception:
+        if module is not None and not self.exclusion:  # names were not built on the fast path
+            selected, _ = with_grads(collect(module), None)
+        pairs = [(item.names[0] if item.names else None, item.param) for item in selected]
+        return nonfinite_error(pairs, shards.grads, norm)
 
     @property
     def stateful(self) -> bool:
         """Whether the clipper keeps statistics from call to call (a stateful rule, or spike skipping)."""
-        return self.rule.stateful or self.skip_spikes is not None
+        return self.rule.is_stateful or self.skip_spikes is not None
 
     def state_dict(self) -> dict[str, Any]:
         """``rule``: the rule's statistics, ``spikes``: the spike window; each present once it exists.
@@ -124,25 +173,34 @@ class GradientClipper:
             if part is not None
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned; tensors move to the grads' device at the next call."""
-        unknown = sorted(set(state) - {"rule", "spikes"})
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned, all or nothing: every key, dtype, shape and value is
+        checked before anything is replaced. Tensors move to the grads' device at the next call."""
+        if not isinstance(state, Mapping):
+            raise ValueError(f"state: expected a mapping with keys rule and/or spikes, got {state!r}")
+        unknown = sorted(map(str, set(state) - {"rule", "spikes"}))
         if unknown:
             raise ValueError(f"state: unknown key(s) {', '.join(unknown)}; allowed: rule, spikes")
-        if "rule" in state and not self.rule.stateful:
-            raise ValueError(
-                f"state: holds the statistics of a stateful clipping type, but clipping_type="
-                f"{self.clipping_type!r} keeps none; was the checkpoint written with another clipping_type?"
+        rule_state = spike_state = None
+        if "rule" in state:
+            if self.rule.init is None or self.rule.check_state is None:
+                raise ValueError(
+                    f"state: holds the statistics of a stateful clipping type, but clipping_type="
+                    f"{self.clipping_type!r} keeps none; was the checkpoint written with another clipping_type?"
+                )
+            rule_state = _checked_state("rule", state["rule"], self.rule.init(self.options, "cpu"))
+            self.rule.check_state(rule_state, self.options)
+        if "spikes" in state:
+            if self.skip_spikes is None:
+                raise ValueError("state: holds a spike window, but skip_spikes is not set")
+            spike_state = _checked_state(
+                "spikes", state["spikes"], init_spike_state("cpu", self.spike_window)
             )
-        if "spikes" in state and self.skip_spikes is None:
-            raise ValueError("state: holds a spike window, but skip_spikes is not set")
-        fresh_rule = self.rule.init_state("cpu", **self.rule_options) if self.rule.stateful else {}
-        self.state = _checked_state("rule", state.get("rule"), fresh_rule)
-        fresh_spikes = init_spike_state("cpu", self.spike_window)
-        self.spike_state = _checked_state("spikes", state.get("spikes"), fresh_spikes)
+            check_history("state.spikes", spike_state)
+        self.state, self.spike_state = rule_state, spike_state
 
     def __repr__(self) -> str:
-        options = {**self.rule_options}
+        options = self.options.as_dict()
         if self.exclude is not None:
             options["exclude"] = self.exclude
         if self.nonfinite != "propagate":
@@ -156,15 +214,12 @@ class GradientClipper:
         )
 
 
-def _checked_state(
-    name: str, given: dict[str, Any] | None, fresh: dict[str, Tensor]
-) -> dict[str, Tensor] | None:
+def _checked_state(name: str, given: Any, fresh: State) -> State:
     """A copy of ``given`` if its tensors match ``fresh`` ones in key, dtype and shape (empty: any shape)."""
-    if given is None:
-        return None
-    if set(given) != set(fresh):
+    if not isinstance(given, Mapping) or set(given) != set(fresh):
+        got = ", ".join(sorted(map(str, given))) if isinstance(given, Mapping) else repr(given)
         raise ValueError(
-            f"state.{name}: expected keys {', '.join(sorted(fresh))}, got {', '.join(sorted(given)) or 'none'}; "
+            f"state.{name}: expected keys {', '.join(sorted(fresh))}, got {got or 'none'}; "
             "was the checkpoint written with other settings?"
         )
     for key, value in given.items():
@@ -172,6 +227,7 @@ def _checked_state(
         if (
             not isinstance(value, Tensor)
             or value.dtype != want.dtype
+            or value.ndim != want.ndim
             or (want.numel() and value.shape != want.shape)
         ):
             got = (
@@ -183,17 +239,17 @@ def _checked_state(
                 f"state.{name}.{key}: expected a {want.dtype} tensor of shape {tuple(want.shape)}, got {got}; "
                 "was the checkpoint written with other settings?"
             )
-    return {key: value.clone() for key, value in given.items()}
+    return {key: value.detach().clone() for key, value in given.items()}
 
 
-def _skip_step(everything: list[tuple[str | None, Tensor]], norm: Tensor) -> ClipStats:
+def _skip_step(everything: list[Named], norm: Tensor) -> ClipStats:
     """Drop every grad, excluded ones too, so that the whole optimizer step is skipped."""
-    for _, param in everything:
-        param.grad = None
+    for item in everything:
+        item.param.grad = None
     return ClipStats.skipped_step(norm)
 
 
-def _move_to_(state: dict[str, Tensor], device: torch.device) -> None:
+def _move_to_(state: State, device: torch.device) -> None:
     """Move the tensors of ``state`` to ``device`` where they are elsewhere (e.g. just loaded on the CPU)."""
     for key, value in state.items():
         if value.device != device:

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from gradclip_algo.algorithm import GradientClipping
 from gradclip_algo.clipper import COMMON_OPTIONS
-from gradclip_algo.rules import RULES
+from gradclip_algo.rules import option_names
 
 ALGORITHM_NAMES = ("gradient_clipping", "gradclip_algo")
 """Keys of the ``algorithms:`` block that build :class:`GradientClipping` (both mean the same)."""
@@ -42,8 +42,7 @@ def _parameters() -> list[inspect.Parameter]:
 def allowed_fields() -> tuple[str, ...]:
     """Every key a ``gradient_clipping`` entry may hold: the algorithm's own arguments, every rule's
     options (clipping types added to ``RULES`` are covered) and the options common to all rules."""
-    rule_options = {option for rule in RULES.values() for option in rule.options}
-    return (*(param.name for param in _parameters()), *sorted(rule_options | set(COMMON_OPTIONS)))
+    return (*(param.name for param in _parameters()), *sorted({*option_names(), *COMMON_OPTIONS}))
 
 
 def required_fields() -> tuple[str, ...]:

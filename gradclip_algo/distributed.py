@@ -75,6 +75,18 @@ class Shards:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
         return tensor
 
+    def tensor_totals(self, values: Tensor) -> Tensor:
+        """Per-tensor local sums (aligned with ``grads``) -> the sums over each whole tensor."""
+        if self.group is None or not any(self.split):
+            return values
+        split = self._split_mask
+        return torch.where(split, self.sum_over_ranks_(torch.where(split, values, 0.0)), values)
+
+    def unit_totals_(self, index: int, squares: Tensor) -> Tensor:
+        """Per-unit sums of squares of tensor ``index`` (whose units are spread over the ranks) summed
+        over those ranks, in place."""
+        return self.sum_over_ranks_(squares)
+
     def total(self, values: Tensor, maximum: bool = False, partial: Sequence[bool] | None = None) -> Tensor:
         """Sum (or max) over the whole model of per-tensor values aligned with ``grads``, same on every rank.
 

@@ -22,7 +22,8 @@ def apply_gradient_clipping(
     Args:
         parameters: an ``nn.Module``, one tensor, an iterable of tensors, or ``(name, tensor)`` pairs
             such as ``model.named_parameters()``. Grads that are ``None`` are skipped.
-        clipping_type: ``'norm'``, ``'value'`` or ``'adaptive'``.
+        clipping_type: ``'norm'``, ``'value'`` or ``'adaptive'`` (the stateful types need a
+            :class:`~gradclip_algo.GradientClipper` kept across steps).
         clipping_threshold: λ > 0: the max norm, the max absolute value, or AGC's clipping factor.
         **options: ``norm_type`` (norm; p > 0 or inf, default 2), ``eps`` (adaptive; weight-norm floor,
             default 1e-3), ``exclude`` (glob patterns on parameter names and/or predicates
@@ -34,8 +35,12 @@ def apply_gradient_clipping(
             from the clipping itself).
 
     Returns:
-        :class:`ClipStats` with 0-d fp32 device tensors. No host sync happens unless ``nonfinite`` is
+        :class:`ClipStats` with 0-d device tensors. No host sync happens unless ``nonfinite`` is
         ``'error'`` or ``'skip'`` (one sync each call to decide).
+
+    Raises:
+        TypeError, ValueError: for a bad argument, naming it, its value and what is allowed, before any
+            grad changes.
     """
     clipper = GradientClipper(clipping_type, clipping_threshold, **options)
     if clipper.stateful:

@@ -8,8 +8,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from gradclip_algo.norms import power_sums
-
 NONFINITE_MODES = ("propagate", "error", "skip", "zero")
 """What the clipper does when a grad it clips holds inf or NaN.
 
@@ -18,13 +16,15 @@ NONFINITE_MODES = ("propagate", "error", "skip", "zero")
   It is the default because it is torch's and Composer's behaviour, because a check costs a host sync
   (and, across ranks, a collective) every step, and because under fp16 AMP the GradScaler already skips
   every step whose grads hold inf or NaN. Without fp16 AMP, NaN grads then reach the optimizer.
-- ``error``: raise :class:`NonFiniteGradError` naming the first parameter (and rank) with such a grad;
-  the grads are left as they were.
+- ``error``: raise :class:`NonFiniteGradError` naming the first parameter (and rank) with such a grad,
+  or saying that the total norm of finite grads overflowed (as torch's ``error_if_nonfinite`` raises
+  then too); the grads are left as they were.
 - ``skip``: set the grad of every parameter (excluded ones too) to ``None``, so ``optimizer.step()``
   leaves weights and optimizer state untouched; ``ClipStats.skipped`` is ``True``.
 - ``zero``: replace inf/NaN elements by 0 and clip the rest as usual (one extra in-place pass, no sync).
 
-``error`` and ``skip`` cost one read pass, one all-reduce of a flag over the default process group and
+``error`` and ``skip`` judge the global norm that the rule reports (computed once and shared with the
+rule; L2 for the types that report L2), with one all-reduce of a flag over the default process group and
 one host sync per call: every rank takes the same decision, so every rank must call the clipper. ``zero``
 is local to each rank (DDP grads are the same on every rank; a shard lives on one rank).
 """
@@ -44,44 +44,20 @@ def zero_nonfinite_(grads: list[Tensor]) -> None:
         grad.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def _maybe_nonfinite(grads: list[Tensor], device: torch.device) -> Tensor:
-    """Per-tensor bool on ``device``: the fp32 sum of squares is not finite. True for every tensor holding
-    inf or NaN, and also for finite ones with elements above ~1e19, which only an element check tells
-    apart. It is one fast read pass, the norm's; element checks are slower and run only where this is True.
-    """
-    return ~torch.isfinite(power_sums(grads, 2.0, device))
-
-
-def nonfinite_flags(grads: list[Tensor], device: torch.device) -> Tensor:
-    """Per-tensor bool on ``device``: ``grads[i]`` holds inf or NaN (syncs once to pick what to check)."""
-    flags = _maybe_nonfinite(grads, device)
-    for index in flags.nonzero().flatten().tolist():
-        flags[index] = not bool(torch.isfinite(grads[index]).all())
-    return flags
-
-
 def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def _on_any_rank(flag: Tensor) -> bool:
-    """``flag`` (0-d bool) OR-ed over the ranks of the default process group, read on the host."""
+def on_any_rank(flag: Tensor) -> bool:
+    """``flag`` (0-d bool) OR-ed over the ranks of the default process group, read on the host (a sync).
+
+    Every rank gets the same answer, so every rank skips or raises together even when only one rank's
+    grads went bad (a fault after DDP's all-reduce, or a shard that lives on one rank).
+    """
     flag = flag.to(torch.int32).reshape(1)
     if _world_size() > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag)
-
-
-def nonfinite_on_any_rank(grads: list[Tensor], device: torch.device) -> bool:
-    """Whether a grad on any rank of the default process group holds inf or NaN.
-
-    Every rank gets the same answer, so every rank skips or raises together even when only one rank's
-    grads went bad (a fault after DDP's all-reduce, or a shard that lives on one rank). One read pass, one
-    all-reduce of a flag and one sync; a second round of each only when a sum of squares is not finite.
-    """
-    return _on_any_rank(_maybe_nonfinite(grads, device).any()) and _on_any_rank(
-        nonfinite_flags(grads, device).any()
-    )
 
 
 def _in_flat_parameter(name: str, param: Tensor, grad: Tensor) -> str:
@@ -124,9 +100,10 @@ def texts_from_every_rank(text: str | None, device: torch.device) -> list[str | 
 
 
 def nonfinite_error(
-    named_params: Sequence[tuple[str | None, Tensor]], grads: Sequence[Tensor]
+    named_params: Sequence[tuple[str | None, Tensor]], grads: Sequence[Tensor], norm: Tensor
 ) -> NonFiniteGradError:
-    """The error naming the first parameter whose (local) grad in ``grads`` holds inf or NaN.
+    """The error naming the first parameter whose (local) grad in ``grads`` holds inf or NaN, or, where
+    every element is finite, saying that their total ``norm`` overflowed its dtype.
 
     Syncs; under ``torch.distributed`` it is a collective (each rank's first name is gathered) that builds
     the same error, naming the parameter and the first rank that holds one, on every rank.
@@ -134,7 +111,13 @@ def nonfinite_error(
     name = _first_local(named_params, grads)
     where = ""
     if _world_size() > 1:
-        names = texts_from_every_rank(name, grads[0].device)
+        names = texts_from_every_rank(name, norm.device)
         rank, name = next(((r, n) for r, n in enumerate(names) if n is not None), (None, None))
         where = "" if rank is None else f" on rank {rank}"
+    if name is None:
+        return NonFiniteGradError(
+            f"the total gradient norm is {float(norm)} although every gradient element is finite: it "
+            f"overflows {norm.dtype}; lower the loss scale or learning rate, or clip in float64",
+            None,
+        )
     return NonFiniteGradError(f"non-finite gradient (inf or NaN) in {name}{where}", name)

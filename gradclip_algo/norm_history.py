@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from gradclip_algo.validation import check_state_tensor
+
 
 def empty_history(window: int, device: torch.device | str) -> dict[str, Tensor]:
     """``norms``: ``window`` fp32 slots, all NaN; ``count``: how many finite norms were recorded (int64)."""
@@ -18,9 +20,25 @@ def empty_history(window: int, device: torch.device | str) -> dict[str, Tensor]:
     }
 
 
+def check_history(field: str, history: dict[str, Tensor]) -> None:
+    """``ValueError`` unless ``history`` could have been made by :func:`record_`: a count ≥ 0, finite
+    norms ≥ 0 in the first ``min(count, window)`` slots, NaN in the others. Reads the values (a sync)."""
+    norms = check_state_tensor(f"{field}.norms", history["norms"], torch.float32, ndim=1)
+    count = int(check_state_tensor(f"{field}.count", history["count"], torch.int64, ndim=0))
+    if count < 0:
+        raise ValueError(f"{field}.count: expected an integer >= 0, got {count}")
+    filled = min(count, norms.numel())
+    values = norms.detach().cpu()
+    if not (torch.isfinite(values[:filled]).all() and (values[:filled] >= 0).all()):
+        raise ValueError(f"{field}.norms: the {filled} recorded norms must be finite and >= 0")
+    if not torch.isnan(values[filled:]).all():
+        raise ValueError(f"{field}.norms: slots after the {filled} recorded norms must be NaN (empty)")
+
+
 def record_(history: dict[str, Tensor], norm: Tensor) -> None:
     """Write ``norm`` over the oldest slot if it is finite; a non-finite norm leaves the history as it is."""
     norms, count = history["norms"], history["count"]
+    norm = norm.to(norms.dtype)
     finite = torch.isfinite(norm)
     slot = (count % norms.numel()).view(1)
     norms.index_copy_(0, slot, torch.where(finite, norm, norms.index_select(0, slot).squeeze(0)).view(1))

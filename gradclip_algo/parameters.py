@@ -1,9 +1,14 @@
-"""Turn what a user passes as ``parameters`` into the list of parameters whose grads get clipped."""
+"""Turn what a user passes as ``parameters`` into the parameters whose grads get clipped.
+
+Every check on the user's input runs here, before any grad changes: the kind of ``parameters``, each
+grad's layout, dtype and device, and the ``exclude`` patterns.
+"""
 
 from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -12,15 +17,33 @@ Predicate = Callable[[str, Tensor], bool]
 Exclude = str | Predicate | Sequence[str | Predicate] | None
 Parameters = nn.Module | Tensor | Iterable[Tensor] | Iterable[tuple[str, Tensor]]
 
-
-_WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+"""Name segments that FSDP1, activation checkpointing and ``torch.compile`` insert."""
+WRAPPER_PREFIX = "module."
+"""The prefix of names seen through ``DistributedDataParallel`` (and of a Composer model's own module)."""
 
 
 def unwrapped_name(name: str) -> str:
-    """A parameter name without the segments that FSDP1, checkpoint and compile wrappers insert."""
-    for segment in _WRAPPER_SEGMENTS:
+    """``name`` without the segments that FSDP1, checkpoint and compile wrappers insert."""
+    for segment in WRAPPER_SEGMENTS:
         name = name.replace(segment, "")
     return name
+
+
+def name_variants(name: str) -> tuple[str, ...]:
+    """``name`` and, where it differs, the name without wrapper segments and a leading ``module.``: the
+    names an ``exclude`` glob is matched against."""
+    bare = unwrapped_name(name)
+    stripped = bare.removeprefix(WRAPPER_PREFIX)
+    return tuple(dict.fromkeys((name, bare, stripped)))
+
+
+@dataclass(frozen=True)
+class Named:
+    """A parameter and every name it has (tied weights have several; bare tensors none)."""
+
+    names: tuple[str, ...]
+    param: Tensor
 
 
 def _submodules(module: nn.Module, seen: set[int]) -> Iterator[nn.Module]:
@@ -36,7 +59,7 @@ def _submodules(module: nn.Module, seen: set[int]) -> Iterator[nn.Module]:
 
 
 def _module_parameters(module: nn.Module) -> list[Tensor]:
-    """``list(module.parameters())``, in its order, without building the names (20x faster)."""
+    """``list(module.parameters())``, in its order, without building the names."""
     found = [
         param for sub in _submodules(module, set()) for param in sub._parameters.values() if param is not None
     ]
@@ -45,81 +68,166 @@ def _module_parameters(module: nn.Module) -> list[Tensor]:
     return list({id(param): param for param in found}.values())  # shared: keep the first of each
 
 
-def named_parameters(parameters: Parameters, names: bool = True) -> list[tuple[str | None, Tensor]]:
-    """``(name, tensor)`` pairs from a Module, one tensor, tensors, or ``(name, tensor)`` pairs.
+def _unwrapped_module(module: nn.Module) -> nn.Module:
+    """The model inside ``DistributedDataParallel`` and ``torch.compile`` wrappers (any nesting)."""
+    while True:
+        if isinstance(module, nn.parallel.DistributedDataParallel):
+            module = module.module
+        elif isinstance(getattr(module, "_orig_mod", None), nn.Module):
+            module = module._orig_mod
+        else:
+            return module
 
-    Names are ``None`` where the caller gave bare tensors, and for a Module when ``names=False`` (cheaper;
-    the pairs are in the same order). Shared tensors appear once. Names seen through DDP, FSDP,
-    activation-checkpointing and ``torch.compile`` wrappers are those of the wrapped model.
+
+def _kind(value: object) -> str:
+    return type(value).__name__
+
+
+def collect(parameters: Parameters, names: bool = True) -> list[Named]:
+    """Each distinct tensor of ``parameters`` once, with its names.
+
+    ``parameters``: a Module (all its names, tied weights included, when ``names``; a model wrapped in
+    ``DistributedDataParallel`` or ``torch.compile`` is named as the model itself, without FSDP1 and
+    checkpoint wrapper segments), one tensor, or an iterable of tensors or ``(name, tensor)`` pairs. Raises ``TypeError`` for anything else, naming what
+    was passed, and ``ValueError`` for an iterator that yields nothing (one already used up).
     """
     if isinstance(parameters, nn.Module):
-        if isinstance(parameters, nn.parallel.DistributedDataParallel):
-            parameters = parameters.module
+        parameters = _unwrapped_module(parameters)
         if not names:
-            return [(None, param) for param in _module_parameters(parameters)]
-        return [(unwrapped_name(name), param) for name, param in parameters.named_parameters()]
+            return [Named((), param) for param in _module_parameters(parameters)]
+        by_id: dict[int, Named] = {}
+        for wrapped_name, param in parameters.named_parameters(remove_duplicate=False):
+            name = unwrapped_name(wrapped_name)
+            known = by_id.get(id(param))
+            by_id[id(param)] = Named((*known.names, name) if known else (name,), param)
+        return list(by_id.values())
     if isinstance(parameters, Tensor):
-        return [(None, parameters)]
-    unique: dict[int, tuple[str | None, Tensor]] = {}
+        return [Named((), parameters)]
+    if isinstance(parameters, torch.optim.Optimizer):
+        raise TypeError(
+            f"parameters: got an optimizer ({_kind(parameters)}); pass the model, or "
+            "[p for group in optimizer.param_groups for p in group['params']]"
+        )
+    if isinstance(parameters, (str, bytes)) or not isinstance(parameters, Iterable):
+        raise TypeError(
+            "parameters: expected an nn.Module, a tensor, or an iterable of tensors or (name, tensor) "
+            f"pairs, got {parameters!r} ({_kind(parameters)})"
+        )
+    is_iterator = isinstance(parameters, Iterator)
+    unique: dict[int, Named] = {}
     for item in parameters:
-        pair = item if type(item) is tuple else (None, item)
-        unique.setdefault(id(pair[1]), pair)
-    pairs = list(unique.values())
-    if not all(isinstance(tensor, Tensor) for _, tensor in pairs):
-        bad = next(tensor for _, tensor in pairs if not isinstance(tensor, Tensor))
-        raise TypeError(f"parameters: expected tensors or (name, tensor) pairs, got {type(bad).__name__}")
-    return pairs
+        name, tensor = item if isinstance(item, tuple) and len(item) == 2 else (None, item)
+        if not isinstance(tensor, Tensor) or not (name is None or isinstance(name, str)):
+            raise TypeError(
+                f"parameters: expected tensors or (name, tensor) pairs, got {item!r} ({_kind(item)}) in it"
+            )
+        known = unique.get(id(tensor))
+        given = () if name is None else (name,)
+        unique[id(tensor)] = Named((*known.names, *given) if known else given, tensor)
+    if is_iterator and not unique:
+        raise ValueError(
+            "parameters: the iterator yielded no tensors (a generator such as model.parameters() can be "
+            "read only once); pass the model itself or a list"
+        )
+    return list(unique.values())
 
 
-def exclusion_filter(exclude: Exclude) -> Predicate | None:
-    """One predicate from glob patterns on names and/or predicates on ``(name, param)``."""
+def check_exclude(exclude: Exclude) -> list[str | Predicate]:
+    """``exclude`` as a list of glob patterns and predicates, or ``TypeError`` naming the bad entry."""
     if exclude is None:
-        return None
-    rules = [exclude] if isinstance(exclude, str) or callable(exclude) else list(exclude)
+        return []
+    rules = [exclude] if isinstance(exclude, str) or callable(exclude) else exclude
+    if not isinstance(rules, (list, tuple)):
+        raise TypeError(
+            "exclude: expected a glob pattern, a callable (name, param) -> bool, or a list of these, "
+            f"got {exclude!r} ({_kind(exclude)})"
+        )
     for rule in rules:
         if not (isinstance(rule, str) or callable(rule)):
             raise TypeError(
-                f"exclude: expected glob patterns or callables (name, param) -> bool, got {rule!r}"
+                "exclude: expected glob patterns or callables (name, param) -> bool, got "
+                f"{rule!r} ({_kind(rule)}) in {exclude!r}"
             )
+    return list(rules)
 
-    def excluded(name: str, param: Tensor) -> bool:
-        return any(
-            fnmatch.fnmatchcase(name, rule) if isinstance(rule, str) else bool(rule(name, param))
-            for rule in rules
+
+def _names_in(module: nn.Module, param: Tensor) -> tuple[str, ...]:
+    return next((item.names for item in collect(module) if item.param is param), ())
+
+
+def _grad_problem(param: Tensor, grad: Tensor) -> tuple[type[Exception], str] | None:
+    """Why ``grad`` cannot be clipped, as ``(error type, message about "{what}")``, or ``None``."""
+    if grad.layout is not torch.strided:
+        return (
+            TypeError,
+            f"gradient of {{what}} has layout {grad.layout}; only dense (strided) gradients can be clipped",
         )
+    if not grad.is_floating_point():
+        return TypeError, (
+            f"gradient of {{what}} has dtype {grad.dtype}; only floating-point gradients "
+            "(float16, bfloat16, float32, float64) can be clipped"
+        )
+    if grad.is_meta or param.is_meta:
+        return ValueError, (
+            "{what} is on the meta device and holds no values; materialise the model "
+            "(e.g. model.to_empty(device=...)) before clipping"
+        )
+    return None
 
-    return excluded
 
+def with_grads(
+    named: list[Named], excluded: Callable[[Named], bool] | None, module: nn.Module | None = None
+) -> tuple[list[Named], list[Tensor]]:
+    """The parameters whose ``.grad`` is set and that ``excluded`` does not match, and their grads.
 
-def params_with_grads(
-    pairs: list[tuple[str | None, Tensor]], exclude: Exclude = None, module: nn.Module | None = None
-) -> tuple[list[tuple[str | None, Tensor]], list[Tensor]]:
-    """The ``(name, param)`` pairs (from :func:`named_parameters`) whose ``.grad`` is set, less the excluded,
-    and their grads.
-
-    Sparse grads are refused with a ``TypeError`` naming the parameter (looked up in ``module`` if the
-    pairs carry no names).
+    Every grad is checked first (:func:`_grad_problem`), so a bad one raises before any grad changes; its
+    error names the parameter, looked up in ``module`` where ``named`` carries no names.
     """
-    excluded = exclusion_filter(exclude)
-    if excluded is not None and any(name is None for name, _ in pairs):
-        raise ValueError(
-            "exclude: matching parameters by name needs names; pass the nn.Module itself or "
-            "model.named_parameters() instead of bare tensors"
-        )
     selected, grads = [], []
-    strided = torch.strided
-    for pair in pairs:
-        grad = pair[1].grad
-        if grad is None or (excluded is not None and excluded(pair[0] or "", pair[1])):
+    for item in named:
+        if excluded is not None and excluded(item):
             continue
-        if grad.layout is not strided:
-            name, param = pair
-            if name is None and module is not None:
-                name = next(n for n, p in named_parameters(module) if p is param)
-            raise TypeError(
-                f"parameters: gradient of {name or 'a parameter'} has layout {grad.layout}; "
-                "only dense (strided) gradients can be clipped"
-            )
-        selected.append(pair)
+        grad = item.param.grad
+        if grad is None:
+            continue
+        problem = _grad_problem(item.param, grad)
+        if problem is not None:
+            names = item.names or (_names_in(module, item.param) if module is not None else ())
+            what = names[0] if names else f"a parameter of shape {tuple(item.param.shape)}"
+            error, message = problem
+            raise error("parameters: " + message.format(what=what))
+        selected.append(item)
         grads.append(grad)
     return selected, grads
+
+
+class Exclusion:
+    """The ``exclude`` patterns and predicates of a clipper, and which patterns ever matched a name."""
+
+    def __init__(self, exclude: Exclude) -> None:
+        self.rules = check_exclude(exclude)
+        self.matched: set[str] = set()
+
+    def __bool__(self) -> bool:
+        return bool(self.rules)
+
+    def __call__(self, item: Named) -> bool:
+        if not item.names:
+            raise ValueError(
+                "exclude: matching parameters by name needs names; pass the nn.Module itself or "
+                "model.named_parameters() instead of bare tensors"
+            )
+        variants = [variant for name in item.names for variant in name_variants(name)]
+        hit = False
+        for rule in self.rules:
+            if isinstance(rule, str):
+                if any(fnmatch.fnmatchcase(variant, rule) for variant in variants):
+                    self.matched.add(rule)
+                    hit = True
+            elif any(bool(rule(name, item.param)) for name in item.names):
+                hit = True
+        return hit
+
+    def unmatched(self) -> list[str]:
+        """The glob patterns that matched no name so far."""
+        return [rule for rule in self.rules if isinstance(rule, str) and rule not in self.matched]

@@ -10,7 +10,10 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class ClipStats:
-    """Statistics of one clipping call: 0-d fp32 tensors on the grads' device, and one host bool.
+    """Statistics of one clipping call: 0-d tensors on the grads' device, and one host bool.
+
+    The norms are float32, or float64 when a grad is float64 (so that a float64 norm beyond float32's
+    range stays finite); ``clipped_fraction`` is float32.
 
     Attributes:
         grad_norm: global norm of the grads before clipping (the clipping p-norm for ``'norm'``, L2

@@ -6,6 +6,9 @@ import math
 from collections.abc import Collection
 from typing import Any
 
+import torch
+from torch import Tensor
+
 
 def check_positive_number(field: str, value: Any, *, allow_inf: bool = False) -> float:
     """``value`` as a float if it is a real number > 0 (finite unless ``allow_inf``), else ``ValueError``."""
@@ -31,10 +34,12 @@ def check_in_interval(
     return number
 
 
-def check_int(field: str, value: Any, minimum: int) -> int:
-    """``value`` if it is an integer ``≥ minimum`` (bools refused), else ``ValueError``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{field}: expected an integer >= {minimum}, got {value!r}")
+def check_int(field: str, value: Any, minimum: int, maximum: int | None = None) -> int:
+    """``value`` if it is an integer in ``[minimum, maximum]`` (bools refused), else ``ValueError``."""
+    too_large = maximum is not None and isinstance(value, int) and value > maximum
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or too_large:
+        bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ValueError(f"{field}: expected an integer {bound}, got {value!r}")
     return value
 
 
@@ -60,3 +65,17 @@ def check_known_options(clipping_type: str, given: Collection[str], known: Colle
             f"clipping_type={clipping_type!r} got unknown option(s) {', '.join(unknown)}; "
             f"allowed: {', '.join(sorted(known)) or 'none'}"
         )
+
+
+def check_state_tensor(
+    field: str, value: Any, dtype: torch.dtype, ndim: int, shape: tuple[int, ...] | None = None
+) -> Tensor:
+    """``value`` if it is a ``dtype`` tensor with ``ndim`` dims (and ``shape``, if given), else ``ValueError``."""
+    want = f"a {dtype} tensor of shape {shape}" if shape is not None else f"a {ndim}-D {dtype} tensor"
+    if not isinstance(value, Tensor):
+        raise ValueError(f"{field}: expected {want}, got {value!r} ({type(value).__name__})")
+    if value.dtype != dtype or value.ndim != ndim or (shape is not None and tuple(value.shape) != shape):
+        raise ValueError(
+            f"{field}: expected {want}, got a {value.dtype} tensor of shape {tuple(value.shape)}"
+        )
+    return value

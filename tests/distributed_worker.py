@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from gradclip_algo import ClipStats, GradientClipper, NonFiniteGradError
 from gradclip_algo.nonfinite import texts_from_every_rank
-from gradclip_algo.parameters import named_parameters, unwrapped_name
+from gradclip_algo.parameters import unwrapped_name
 
 WORLD_SIZE = 2
 GLOBAL_BATCH = 8
@@ -359,7 +359,9 @@ def local(tensor: Tensor) -> Tensor:
 
 def local_grads(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
     """``(name, local grad)`` of the parameters that have a non-empty local grad."""
-    for name, param in named_parameters(model):
+    unwrapped = model.module if isinstance(model, DistributedDataParallel) else model
+    for wrapped_name, param in unwrapped.named_parameters():
+        name = unwrapped_name(wrapped_name)
         if param.grad is not None and local(param.grad).numel():
             yield name, local(param.grad)
 

@@ -9,7 +9,7 @@ import torch
 from conftest import MixedModel, backward_mixed, grads
 from torch import nn
 
-from gradclip_algo import apply_gradient_clipping, blocks
+from gradclip_algo import apply_gradient_clipping, kernels
 
 
 def agc_reference(
@@ -147,13 +147,13 @@ def test_composer_agc_freezes_zero_weights_and_ours_does_not() -> None:
     assert ours.bias.grad.abs().min().item() > 0
 
 
-@pytest.mark.parametrize("reuse_block", [1 << 22, 5000])
+@pytest.mark.parametrize("stack_numel", [kernels.STACK_NUMEL, 5000])
 def test_large_tensor_and_stacked_small_tensor_paths_match_reference(
-    monkeypatch: pytest.MonkeyPatch, reuse_block: int
+    monkeypatch: pytest.MonkeyPatch, stack_numel: int
 ) -> None:
-    """Large tensors are clipped in place (in row blocks when larger than a block kept in cache), many
-    small same-shaped ones on chunked stacks; per-unit statistics are summed in batches."""
-    monkeypatch.setattr(blocks, "CPU_REUSE_BLOCK", reuse_block)
+    """Large tensors are clipped in place, many small same-shaped ones on chunked stacks; per-unit
+    statistics are summed in batches."""
+    monkeypatch.setattr(kernels, "STACK_NUMEL", stack_numel)
     gen = torch.Generator().manual_seed(11)
     shapes = [(300, 400), (600, 32, 32), *[(32, 32)] * 603, *[(5,)] * 40, *[()] * 7, (50000,)]
     params = [nn.Parameter(torch.randn(s, generator=gen) * 0.1) for s in shapes]

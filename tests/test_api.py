@@ -12,7 +12,7 @@ from conftest import MixedModel, backward_mixed, grads, twin
 from torch import nn
 
 from gradclip_algo import ClipStats, apply_gradient_clipping
-from gradclip_algo.parameters import named_parameters
+from gradclip_algo.parameters import collect
 
 
 def test_documented_call_forms_all_agree(mixed_model: MixedModel) -> None:
@@ -63,11 +63,13 @@ def test_a_modules_parameters_are_found_as_torch_lists_them() -> None:
     model = nn.Sequential(nn.Embedding(10, 4), block, nn.Sequential(block, nn.LayerNorm(4)), nn.Linear(4, 10))
     model[3].weight = model[0].weight  # tied
     model.register_parameter("frozen", None)
-    found = [param for _, param in named_parameters(model, names=False)]
+    found = [item.param for item in collect(model, names=False)]
     assert [id(p) for p in found] == [id(p) for p in model.parameters()]
-    named = named_parameters(model)
-    assert [id(p) for _, p in named] == [id(p) for p in model.parameters()]
-    assert [name for name, _ in named] == [name for name, _ in model.named_parameters()]
+    named = collect(model)
+    assert [id(item.param) for item in named] == [id(p) for p in model.parameters()]
+    assert [item.names[0] for item in named] == [name for name, _ in model.named_parameters()]
+    assert named[0].names == ("0.weight", "3.weight")  # a tied weight has both names
+    assert named[1].names == ("1.weight", "2.0.weight")
 
 
 def test_modules_are_walked_without_hashing_them() -> None:

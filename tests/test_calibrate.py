@@ -72,7 +72,7 @@ def test_tiny_run_writes_blocks_that_build_and_match_the_recorded_norms(
     assert built["value"].clipping_threshold == rounded(statistics.median(recorded["max_abs_grad"]))
     for clipping_type in ("quantile", "zscore", "adagc"):
         assert built[clipping_type].clipping_threshold == rounded(max(norms))
-    assert built["quantile"].rule_options == {"percentile": 10.0, "window": 1000}
+    assert built["quantile"].options.as_dict() == {"percentile": 10.0, "window": 1000}
     assert (out / "calibration.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -68,7 +68,7 @@ def test_yaml_lists_and_scientific_notation_reach_the_clipper(tmp_path: Path) ->
         "    eps: 1e-4\n    exclude: ['*fc.*', '*lm_head.*']\n    nonfinite: zero\n"
     )
     (algorithm,) = build_algorithms(write(tmp_path / "agc.yaml", text))
-    assert algorithm.clipper.rule_options == {"eps": 1e-4}
+    assert algorithm.clipper.options.as_dict() == {"eps": 1e-4}
     assert algorithm.clipper.exclude == ["*fc.*", "*lm_head.*"]
     assert type(algorithm.clipper.exclude) is list
     assert algorithm.clipper.nonfinite == "zero"
@@ -98,14 +98,14 @@ def test_every_rule_option_is_an_allowed_key() -> None:
         "clipping_threshold",
         "log_interval",
         *COMMON_OPTIONS,
-        *(option for rule in RULES.values() for option in rule.options),
+        *(option for rule in RULES.values() for option in rule.options.names()),
     }
     for clipping_type, rule in RULES.items():
-        defaults = {name: default for name, (default, _) in rule.options.items()}
+        defaults = rule.options().as_dict()
         settings = {"clipping_type": clipping_type, "clipping_threshold": 1.0, **defaults}
         (algorithm,) = build_algorithms({"gradient_clipping": settings})
         assert algorithm.clipper.clipping_type == clipping_type
-        assert algorithm.clipper.rule_options == defaults
+        assert algorithm.clipper.options.as_dict() == defaults
 
 
 ALLOWED = ", ".join(allowed_fields())

@@ -10,21 +10,45 @@ from conftest import MixedModel, backward_mixed, grads, twin
 from torch import nn
 
 from gradclip_algo import GradientClipper, NonFiniteGradError, apply_gradient_clipping
-from gradclip_algo.nonfinite import nonfinite_flags
 
 BAD = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
 
 
-def test_flags_are_per_tensor_and_do_not_overflow() -> None:
-    grads_ = [
-        torch.full((3,), 65504.0, dtype=torch.float16),  # fp16's largest finite value: its square overflows
-        torch.tensor([1.0, math.nan], dtype=torch.bfloat16),
-        torch.zeros(0),  # an empty shard
-        torch.tensor([1e38, -math.inf]),
-        torch.tensor([1e38, 3e38]),  # finite, though its sum of squares overflows fp32
-        torch.ones(4, dtype=torch.float64),
-    ]
-    assert nonfinite_flags(grads_, torch.device("cpu")).tolist() == [False, True, False, True, False, False]
+@pytest.mark.parametrize(
+    "grad",
+    [
+        torch.full((3,), 65504.0, dtype=torch.float16),  # fp16's largest value: its square overflows fp16
+        torch.full((10,), 2e22, dtype=torch.float64),  # its sum of squares overflows fp32
+        torch.full((10,), 1e18),  # fp32, norm 3.2e18: its sum of squares still fits
+    ],
+    ids=["fp16-max", "fp64-2e22", "fp32-1e18"],
+)
+@pytest.mark.parametrize("mode", ["error", "skip"])
+def test_huge_finite_grads_are_clipped_not_taken_for_nonfinite(grad: torch.Tensor, mode: str) -> None:
+    param = torch.nn.Parameter(torch.zeros_like(grad))
+    param.grad = grad.clone()
+    reference = torch.nn.Parameter(torch.zeros_like(grad))
+    reference.grad = grad.clone()
+    stats = apply_gradient_clipping(param, "norm", 1.0, nonfinite=mode)
+    assert not stats.skipped and math.isfinite(stats.grad_norm.item())
+    torch.testing.assert_close(param.grad.double().norm().item(), 1.0, rtol=1e-3, atol=0)
+    if grad.dtype != torch.float16:  # torch's fp16 norm overflows fp16; ours is summed in fp32
+        torch.nn.utils.clip_grad_norm_(reference, 1.0, error_if_nonfinite=True)
+        torch.testing.assert_close(param.grad, reference.grad)
+
+
+def test_finite_grads_whose_fp32_norm_overflows_raise_as_in_torch() -> None:
+    """fp32 grads of 1e20: their sum of squares overflows fp32 in torch's kernels and ours alike. torch
+    raises with error_if_nonfinite=True and leaves the grads alone; so does nonfinite='error', saying why."""
+    param = torch.nn.Parameter(torch.zeros(10))
+    param.grad = torch.full((10,), 1e20)
+    with pytest.raises(RuntimeError, match="non-finite"):
+        torch.nn.utils.clip_grad_norm_(param, 1.0, error_if_nonfinite=True)
+    with pytest.raises(
+        NonFiniteGradError, match=r"every gradient element is finite: it overflows torch\.float32"
+    ):
+        apply_gradient_clipping(param, "norm", 1.0, nonfinite="error")
+    assert torch.equal(param.grad, torch.full((10,), 1e20))
 
 
 def test_propagate_is_the_default_and_lets_nan_through(mixed_model: MixedModel) -> None:

@@ -62,7 +62,9 @@ def test_bad_nonfinite_mode(param: torch.nn.Parameter) -> None:
 
 
 def test_bad_parameters_element() -> None:
-    with pytest.raises(TypeError, match=r"parameters: expected tensors or \(name, tensor\) pairs, got float"):
+    with pytest.raises(
+        TypeError, match=r"parameters: expected tensors or \(name, tensor\) pairs, got 1.0 \(float\)"
+    ):
         apply_gradient_clipping([1.0], "norm", 1.0)
 
 

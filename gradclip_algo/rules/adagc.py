@@ -6,25 +6,32 @@ Model Pretraining" (arXiv 2502.11034).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import partial
+
 import torch
 from torch import Tensor
 
+from gradclip_algo import kernels
 from gradclip_algo.distributed import Shards
 from gradclip_algo.norms import group_by_device_and_dtype, power_sums
-from gradclip_algo.rules.norm import NORM_EPS
+from gradclip_algo.options import RuleOptions, option
+from gradclip_algo.scaling import clip_coefficient
 from gradclip_algo.stats import ClipStats
-
-ADAGC_RELATIVE_THRESHOLD = 1.05
-ADAGC_BETA = 0.98
-ADAGC_WARMUP_STEPS = 100
+from gradclip_algo.validation import check_in_interval, check_int, check_positive_number, check_state_tensor
 
 
-def init_adagc_state(
-    device: torch.device | str,
-    relative_threshold: float = ADAGC_RELATIVE_THRESHOLD,
-    beta: float = ADAGC_BETA,
-    warmup_steps: int = ADAGC_WARMUP_STEPS,
-) -> dict[str, Tensor]:
+@dataclass(frozen=True)
+class AdaGCOptions(RuleOptions):
+    """``relative_threshold``: λ_rel > 0 (default 1.05); ``beta``: the EMA factor β in (0, 1) (default
+    0.98; both the paper's); ``warmup_steps``: steps of global norm clipping first, ≥ 1 (default 100)."""
+
+    relative_threshold: float = option(1.05, check_positive_number)
+    beta: float = option(0.98, partial(check_in_interval, low=0.0, high=1.0))
+    warmup_steps: int = option(100, partial(check_int, minimum=1))  # gamma starts from warm-up norms
+
+
+def init(options: AdaGCOptions, device: torch.device | str) -> dict[str, Tensor]:
     """``step``: finite steps seen (int64); ``gamma``: one gamma_i per tensor (fp32), sized at the first call."""
     return {
         "step": torch.zeros((), dtype=torch.int64, device=device),
@@ -32,13 +39,15 @@ def init_adagc_state(
     }
 
 
-def _whole_tensor_squares(shards: Shards) -> Tensor:
-    """``‖g_i‖²`` of each whole tensor: local sums, all-reduced for tensors split across ranks."""
-    squares = power_sums(shards.grads, 2.0, shards.device)
-    if shards.group is None or not any(shards.split):
-        return squares
-    split = torch.tensor(shards.split).to(shards.device, non_blocking=True)
-    return torch.where(split, shards.sum_over_ranks_(torch.where(split, squares, 0.0)), squares)
+def check_state(state: dict[str, Tensor], options: AdaGCOptions) -> None:
+    """``ValueError`` unless ``step`` ≥ 0 and every gamma_i is > 0 (``inf`` before its first finite norm).
+    Reads the values."""
+    step = int(check_state_tensor("state.rule.step", state["step"], torch.int64, ndim=0))
+    if step < 0:
+        raise ValueError(f"state.rule.step: expected an integer >= 0, got {step}")
+    gamma = check_state_tensor("state.rule.gamma", state["gamma"], torch.float32, ndim=1)
+    if not bool((gamma.detach().cpu() >= 0).all()):
+        raise ValueError("state.rule.gamma: expected numbers >= 0 or inf (no NaN), one per gradient tensor")
 
 
 def _gamma(state: dict[str, Tensor], count: int) -> Tensor:
@@ -54,14 +63,7 @@ def _gamma(state: dict[str, Tensor], count: int) -> Tensor:
     return gamma
 
 
-def adagc_clip(
-    shards: Shards,
-    max_norm: float,
-    state: dict[str, Tensor],
-    relative_threshold: float = ADAGC_RELATIVE_THRESHOLD,
-    beta: float = ADAGC_BETA,
-    warmup_steps: int = ADAGC_WARMUP_STEPS,
-) -> ClipStats:
+def update(shards: Shards, max_norm: float, options: AdaGCOptions, state: dict[str, Tensor]) -> ClipStats:
     """Per tensor i, with ``g_i`` its whole grad and ``ĝ_i`` the clipped one:
 
     - Warm-up, the first ``warmup_steps`` steps: global norm clipping at λ_abs (``clipping_threshold``;
@@ -69,36 +71,34 @@ def adagc_clip(
     - Then ``ĝ_i = min(1, λ_rel·gamma_i / ‖g_i‖)·g_i`` (λ_rel = ``relative_threshold``) and
       ``gamma_i ← β·gamma_i + (1 - β)·‖ĝ_i‖``.
 
-    Norms are L2 over the whole tensor, also when FSDP splits it across ranks. A non-finite global norm
+    Norms are L2 over the whole tensor, also when it is split across ranks. A non-finite global norm
     leaves gamma and the step count untouched. The set of parameters with grads must be the same every step
     (gamma_i is matched to tensors by position). ``clipped_fraction`` is the share of tensors scaled down.
-    Defaults: λ_rel = 1.05, β = 0.98 (the paper's), warm-up 100 steps.
     """
     grads = shards.grads
     gamma = _gamma(state, len(grads))
     step = state["step"]
-    squares = _whole_tensor_squares(shards)
-    norms = squares.sqrt()
-    global_norm = squares.sum().sqrt()
-    warm = step < warmup_steps
-    warm_coef = torch.where(global_norm > max_norm, max_norm / (global_norm + NORM_EPS), 1.0)
-    cap = relative_threshold * gamma
+    norms = shards.tensor_totals(power_sums(grads, 2.0, shards.device)).sqrt().to(torch.float32)
+    global_norm = shards.global_norm(2.0)
+    warm = step < options.warmup_steps
+    warm_coef = clip_coefficient(global_norm, max_norm).to(torch.float32)
+    cap = options.relative_threshold * gamma
     tensor_coef = torch.where(norms > cap, cap / norms, 1.0)
     coef = torch.where(warm, warm_coef.expand_as(norms), tensor_coef)
-    factors = coef.unbind()
-    for (grad_device, _), indices in group_by_device_and_dtype(grads).items():
-        torch._foreach_mul_(
-            [grads[i] for i in indices], [factors[i].to(grad_device, non_blocking=True) for i in indices]
+    for (device, _), indices in group_by_device_and_dtype(grads).items():
+        kernels.scale_(
+            [grads[i] for i in indices], coef[torch.tensor(indices, device=coef.device)].to(device)
         )
     clipped_norms = norms * coef
     updated = torch.where(
-        warm, torch.minimum(gamma, clipped_norms), beta * gamma + (1 - beta) * clipped_norms
+        warm, torch.minimum(gamma, clipped_norms), options.beta * gamma + (1 - options.beta) * clipped_norms
     )
     finite = torch.isfinite(global_norm)
     gamma.copy_(torch.where(finite, updated, gamma))
     step.add_(finite.to(step.dtype))
+    clipped = torch.where(warm, global_norm > max_norm, norms > cap)
     return ClipStats(
         grad_norm=global_norm,
         clipped_grad_norm=clipped_norms.square().sum().sqrt(),
-        clipped_fraction=(coef < 1.0).to(torch.float32).mean(),
+        clipped_fraction=clipped.to(torch.float32).mean(),
     )

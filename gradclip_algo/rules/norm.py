@@ -2,25 +2,46 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+from torch import Tensor
 
 from gradclip_algo.distributed import Shards
-from gradclip_algo.rules.scaling import scale_
+from gradclip_algo.options import RuleOptions, option
+from gradclip_algo.scaling import clip_coefficient, scale_grads_
 from gradclip_algo.stats import ClipStats
+from gradclip_algo.validation import check_positive_number
 
-NORM_EPS = 1e-6  # as in torch.nn.utils.clip_grad_norm_
+
+def _norm_type(field: str, value: object) -> float:
+    return check_positive_number(field, value, allow_inf=True)
 
 
-def clip_grad_norm(shards: Shards, max_norm: float, norm_type: float = 2.0) -> ClipStats:
-    """Scale every grad by ``min(1, λ / (‖G‖_p + 1e-6))``, ``‖G‖_p`` the p-norm of all grads together.
+@dataclass(frozen=True)
+class NormOptions(RuleOptions):
+    """``norm_type``: the p of the norm, any p > 0 or ``inf`` (default 2)."""
 
-    The multiply always runs (a factor of 1 when under the threshold), so no host sync is needed.
+    norm_type: float = option(2.0, _norm_type)
+
+    @property
+    def stats_norm_type(self) -> float:
+        return self.norm_type
+
+
+def clip_by_norm(shards: Shards, max_norm: float, options: NormOptions) -> ClipStats:
+    """``g ← g · min(1, λ / (‖G‖_p + 1e-6))`` for every grad, ``‖G‖_p`` the p-norm of all grads together.
+
+    The same as ``torch.nn.utils.clip_grad_norm_``; the multiply always runs (a factor of 1 under the
+    threshold), so nothing waits for the device.
     """
-    norm = shards.global_norm(norm_type)
-    coef = torch.clamp(max_norm / (norm + NORM_EPS), max=1.0)
-    scale_(shards.grads, coef)
-    return ClipStats(
-        grad_norm=norm,
-        clipped_grad_norm=norm * coef,
-        clipped_fraction=(coef < 1.0).to(torch.float32),
-    )
+    return clip_to_norm_(shards.grads, shards.global_norm(options.norm_type), max_norm)
+
+
+def clip_to_norm_(grads: list[Tensor], norm: Tensor, threshold: float | Tensor) -> ClipStats:
+    """Scale ``grads`` by :func:`~gradclip_algo.clip_coefficient` of their total ``norm`` and ``threshold``
+    (a number, or a 0-d tensor that a statistics-driven rule computed on the device); the step counts as
+    clipped where ``norm > threshold``."""
+    coef = clip_coefficient(norm, threshold)
+    scale_grads_(grads, coef)
+    return ClipStats(norm, norm * coef, (norm > threshold).to(torch.float32))

@@ -6,45 +6,55 @@ Networks" (arXiv 2007.14469).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import partial
+
 import torch
 from torch import Tensor
 
 from gradclip_algo.distributed import Shards
-from gradclip_algo.norm_history import empty_history, record_
-from gradclip_algo.rules.threshold import clip_to_threshold_
+from gradclip_algo.norm_history import check_history, empty_history, record_
+from gradclip_algo.options import RuleOptions, option
+from gradclip_algo.rules.norm import clip_to_norm_
 from gradclip_algo.stats import ClipStats
+from gradclip_algo.validation import check_in_interval, check_int
 
-QUANTILE_PERCENTILE = 10.0  # the paper's recommended p
-QUANTILE_WINDOW = 1000
+MAX_WINDOW = 1 << 24  # torch.nanquantile's largest input
 
 
-def init_quantile_state(
-    device: torch.device | str, percentile: float = QUANTILE_PERCENTILE, window: int = QUANTILE_WINDOW
-) -> dict[str, Tensor]:
+@dataclass(frozen=True)
+class QuantileOptions(RuleOptions):
+    """``percentile``: p in (0, 100] (default 10, the paper's); ``window``: how many recent norms the
+    percentile is taken over, 2 to 2^24 (default 1000)."""
+
+    percentile: float = option(10.0, partial(check_in_interval, low=0.0, high=100.0, include_high=True))
+    window: int = option(1000, partial(check_int, minimum=2, maximum=MAX_WINDOW))
+
+
+def init(options: QuantileOptions, device: torch.device | str) -> dict[str, Tensor]:
     """The last ``window`` finite global norms (NaN where none yet) and how many were recorded."""
-    return empty_history(window, device)
+    return empty_history(options.window, device)
 
 
-def quantile_clip(
-    shards: Shards,
-    max_norm: float,
-    state: dict[str, Tensor],
-    percentile: float = QUANTILE_PERCENTILE,
-    window: int = QUANTILE_WINDOW,
-) -> ClipStats:
-    """Clip by global L2 norm to ``τ_t = min(P_p(h_{t-w+1}, …, h_t), λ)``.
+def check_state(state: dict[str, Tensor], options: QuantileOptions) -> None:
+    """``ValueError`` unless ``state`` is a history that :func:`update` can continue from."""
+    check_history("state.rule", state)
+
+
+def update(shards: Shards, max_norm: float, options: QuantileOptions, state: dict[str, Tensor]) -> ClipStats:
+    """Clip by global L2 norm to ``τ_t = min(P_p(h_{t-w+1}, …, h_t), λ)``, with the coefficient
+    ``min(1, τ_t / (‖G_t‖ + 1e-6))``.
 
     ``h_t = ‖G_t‖`` is this step's norm: as in the paper it enters the history *before* the percentile is
-    taken, so the first step is never clipped and a norm is clipped only when it exceeds the p-th
-    percentile of the last ``window`` norms including itself. ``P_p`` interpolates linearly between order
-    statistics (``numpy.percentile``'s default, as the paper's code uses). λ (``clipping_threshold``) is a
-    ceiling on every step; ``inf`` gives the paper's rule. The paper keeps the whole history; the window
-    bounds memory and the sort, and lets the threshold follow the norm's drift over a long run. Non-finite
-    norms are not recorded. Defaults: p = 10 (the paper's choice), window = 1000.
+    taken, so a norm is clipped only when it exceeds the p-th percentile of the last ``window`` norms
+    including itself. ``P_p`` interpolates linearly between order statistics (``numpy.percentile``'s
+    default, as the paper's code uses). λ (``clipping_threshold``) is a ceiling on every step; ``inf``
+    gives the paper's rule. The paper keeps the whole history; the window bounds memory and the sort, and
+    lets the threshold follow the norm's drift over a long run. Non-finite norms are not recorded.
     """
     norm = shards.global_norm(2.0)
     record_(state, norm)
-    percentile_norm = torch.nanquantile(state["norms"], percentile / 100.0)
+    percentile_norm = torch.nanquantile(state["norms"], options.percentile / 100.0)
     # NaN while no finite norm was ever recorded: then only the ceiling applies
     threshold = torch.nan_to_num(percentile_norm, nan=float("inf")).clamp(max=max_norm)
-    return clip_to_threshold_(shards, norm, threshold)
+    return clip_to_norm_(shards.grads, norm, threshold.to(norm.dtype))

@@ -15,7 +15,7 @@ from composer.loggers import Logger
 from torch import Tensor
 
 from gradclip_algo.algorithm import GradientClipping
-from gradclip_algo.norms import global_norm
+from gradclip_algo.norms import get_total_norm
 
 LOSS_KEY = "loss/train/total"  # Composer's loss of the whole batch, all microbatches and ranks
 
@@ -66,7 +66,7 @@ class StepMetricsRecorder(Callback):
     def after_train_batch(self, state: State, logger: Logger) -> None:
         params = list(state.model.parameters())
         grads = [p.grad for p in params if p.grad is not None]
-        after = global_norm(grads, 2.0, params[0].device)
+        after = get_total_norm(grads, 2.0, params[0].device)
         if self._clipping is None or self._clipping.last_stats is None:
             before, clipped = after, torch.zeros((), dtype=torch.bool, device=after.device)
         else:

@@ -1,0 +1,303 @@
+"""The primitives every rule is built from, with each device- or size-specific fast path behind them.
+
+Each primitive takes tensors of one device and one dtype (callers group them; see
+:func:`~gradclip_algo.norms.group_by_device_and_dtype`) and returns what a plain foreach loop would:
+
+- :func:`power_sums`: per-tensor ``Σ|t|^p`` (``max|t|`` for p = inf);
+- :func:`total_power_sum`: the same for all tensors together;
+- :func:`scale_`: ``t ← t · c`` with one factor or one per tensor;
+- :func:`clamp_`: ``t ← clamp(t, -λ, λ)``;
+- :func:`scale_units_`: ``G_u ← G_u · f(‖G_u‖, ‖W_u‖)`` per unit u (AGC).
+
+Sums are accumulated in float32, or float64 for float64 tensors (as torch's norms are). The fast paths,
+each covered at and around its size limits by the differential fuzz (``tests/test_fuzz.py``):
+
+- CPU, p = 2, float32/float64: ``torch.dot(t, t)`` for tensors of at least :data:`CPU_DOT_MIN_NUMEL`
+  elements; smaller ones are copied, a pack of at most :data:`PACK_NUMEL` elements at a time, into one
+  buffer that goes to one dot. p = inf: ``torch.aminmax`` in place of the dot.
+- CPU: one in-place ``clamp_`` for tensors of at least :data:`CPU_DOT_MIN_NUMEL` elements (torch's
+  foreach pair makes two passes).
+- Any device: AGC on small tensors of one shape runs on their stack (:data:`STACK_NUMEL` elements at a
+  time), a few ops per stack instead of a few per tensor.
+
+Everything else is the foreach kernel torch uses. No primitive reads a tensor's value on the host.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor
+
+CPU_DOT_MIN_NUMEL = 1 << 14
+"""From this size on, a CPU tensor gets its own dot (or aminmax, or clamp_) instead of a foreach kernel."""
+PACK_NUMEL = 1 << 18
+"""Elements of the buffer that small CPU tensors are packed into (1 MiB of float32: an L2 cache)."""
+STACK_NUMEL = 1 << 20
+"""Elements of the buffer that small same-shaped tensors are stacked in for AGC."""
+MEMORY_SHARE = 128
+"""A buffer holds at most 1/128 of the elements of the tensors it serves (under 1 % extra memory)."""
+SIZE_LIMITS = (CPU_DOT_MIN_NUMEL, PACK_NUMEL, STACK_NUMEL, MEMORY_SHARE * CPU_DOT_MIN_NUMEL)
+"""The sizes at which a fast path starts or a buffer fills: the fuzz draws tensors on and around them."""
+
+UnitCoefficient = Callable[[Tensor, Tensor], Tensor]
+"""``(‖G_u‖, ‖W_u‖) -> c_u``: the factor of each unit, from its grad and weight norms (same shapes)."""
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 tensors, else float32: the dtype sums and norms are accumulated in."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _buffer_numel(limit: int, total: int) -> int:
+    """A buffer of at most ``limit`` elements and at most ``1/MEMORY_SHARE`` of ``total``."""
+    return min(limit, total // MEMORY_SHARE)
+
+
+def _has_cpu_kernel(tensor: Tensor, norm_type: float) -> bool:
+    """Whether :func:`_cpu_power_sum` serves tensors like ``tensor``."""
+    if tensor.device.type != "cpu":
+        return False
+    return math.isinf(norm_type) or (norm_type == 2.0 and tensor.dtype in (torch.float32, torch.float64))
+
+
+def _cpu_power_sum(tensor: Tensor, norm_type: float) -> Tensor:
+    """The power sum of one contiguous CPU tensor: BLAS dot for p = 2, aminmax for p = inf."""
+    flat = tensor.view(-1)
+    if norm_type == 2.0:
+        return torch.dot(flat, flat)
+    return torch.stack(torch.aminmax(flat)).abs().max()
+
+
+def _foreach_power_sums(tensors: list[Tensor], norm_type: float) -> Tensor:
+    """Per-tensor power sums by torch's foreach norm (empty tensors give 0), 1-D, accumulation dtype."""
+    accumulate = accumulation_dtype(tensors[0].dtype)
+    sums = torch.zeros(len(tensors), dtype=accumulate, device=tensors[0].device)
+    filled = [i for i, t in enumerate(tensors) if t.numel()]  # the inf-norm kernel refuses empty tensors
+    if filled:
+        chosen = tensors if len(filled) == len(tensors) else [tensors[i] for i in filled]
+        norms = torch.stack(torch._foreach_norm(chosen, norm_type, dtype=accumulate))
+        values = norms if math.isinf(norm_type) else norms.pow(norm_type)
+        if len(filled) == len(tensors):
+            return values
+        sums[filled] = values
+    return sums
+
+
+def _combine(sums: Tensor, norm_type: float) -> Tensor:
+    """Power sums of parts -> the power sum of the whole: their sum (their max for p = inf)."""
+    if sums.numel() == 0:
+        return sums.new_zeros(())
+    return sums.max() if math.isinf(norm_type) else sums.sum()
+
+
+def power_sums(tensors: list[Tensor], norm_type: float) -> Tensor:
+    """``[Σ|t_i|^p for each tensor]`` (``max|t_i|`` for p = inf), 1-D in the accumulation dtype.
+
+    ``tensors``: one device and dtype, at least one. Empty tensors give 0.
+    """
+    if not _has_cpu_kernel(tensors[0], norm_type):
+        return _foreach_power_sums(tensors, norm_type)
+    large = [i for i, t in enumerate(tensors) if t.numel() >= CPU_DOT_MIN_NUMEL and t.is_contiguous()]
+    if not large:
+        return _foreach_power_sums(tensors, norm_type)
+    accumulate = accumulation_dtype(tensors[0].dtype)
+    sums = torch.zeros(len(tensors), dtype=accumulate, device=tensors[0].device)
+    sums[large] = torch.stack([_cpu_power_sum(tensors[i], norm_type) for i in large]).to(accumulate)
+    chosen = set(large)
+    rest = [i for i in range(len(tensors)) if i not in chosen]
+    if rest:
+        sums[rest] = _foreach_power_sums([tensors[i] for i in rest], norm_type)
+    return sums
+
+
+def _packs(tensors: list[Tensor], limit: int) -> Iterator[tuple[list[Tensor], tuple[int, ...], int]]:
+    """``(pack, trailing shape, numel)``: runs of ``tensors`` (each of at most ``limit`` elements) that
+    concatenate along dim 0 into at most ``limit`` elements. Tensors of 2+ dims are grouped by shape;
+    0-D and 1-D ones form one group (0-D ones viewed as 1-D)."""
+    by_shape: dict[torch.Size | None, list[Tensor]] = defaultdict(list)
+    for tensor in tensors:
+        by_shape[tensor.shape if tensor.ndim > 1 else None].append(tensor)
+    for shape, group in by_shape.items():
+        trailing = () if shape is None else tuple(shape[1:])
+        pack: list[Tensor] = []
+        size = 0
+        for tensor in group:
+            numel = tensor.numel()
+            if pack and size + numel > limit:
+                yield pack, trailing, size
+                pack, size = [], 0
+            pack.append(tensor if tensor.ndim else tensor.view(1))
+            size += numel
+        if pack:
+            yield pack, trailing, size
+
+
+def total_power_sum(tensors: list[Tensor], norm_type: float) -> Tensor:
+    """``Σ_i Σ|t_i|^p`` (``max_i max|t_i|`` for p = inf), 0-d in the accumulation dtype.
+
+    ``tensors``: one device and dtype, at least one. On CPU (p = 2 or inf) small tensors are packed into
+    one buffer, a pack at a time, each pack taking one dot or aminmax.
+    """
+    first = tensors[0]
+    if not _has_cpu_kernel(first, norm_type):
+        return _combine(_foreach_power_sums(tensors, norm_type), norm_type)
+    small, large, strided = [], [], []
+    for t in tensors:
+        numel = t.numel()
+        if numel >= CPU_DOT_MIN_NUMEL:
+            (large if t.is_contiguous() else strided).append(t)
+        elif numel:
+            small.append(t)
+    parts = [_cpu_power_sum(t, norm_type) for t in large]
+    buffer_numel = _buffer_numel(PACK_NUMEL, sum(t.numel() for t in tensors))
+    packable = [t for t in small if t.numel() <= buffer_numel]
+    rest = strided + [t for t in small if t.numel() > buffer_numel]
+    if len(packable) > 1:
+        buffer = first.new_empty(min(buffer_numel, sum(t.numel() for t in packable)))
+        for pack, trailing, numel in _packs(packable, buffer.numel()):
+            block = torch.cat(pack, out=buffer[:numel].view(-1, *trailing))
+            parts.append(_cpu_power_sum(block, norm_type))
+    else:
+        rest += packable
+    if rest:
+        parts.append(_combine(_foreach_power_sums(rest, norm_type), norm_type))
+    if not parts:
+        return torch.zeros((), dtype=accumulation_dtype(first.dtype), device=first.device)
+    return _combine(torch.stack(parts).to(accumulation_dtype(first.dtype)), norm_type)
+
+
+def scale_(tensors: list[Tensor], coef: Tensor) -> None:
+    """``t ← t · coef`` in place: ``coef`` is 0-d (one factor) or 1-D (one per tensor), on their device."""
+    if coef.ndim == 0:
+        torch._foreach_mul_(tensors, coef)
+    else:
+        torch._foreach_mul_(tensors, list(coef.unbind()))
+
+
+def clamp_(tensors: list[Tensor], limit: float) -> None:
+    """``t ← clamp(t, -limit, limit)`` in place: one pass for a large CPU tensor, else torch's foreach pair."""
+    small = tensors
+    if tensors[0].device.type == "cpu":
+        small = []
+        for t in tensors:
+            if t.numel() >= CPU_DOT_MIN_NUMEL:
+                t.clamp_(-limit, limit)
+            else:
+                small.append(t)
+    if small:
+        torch._foreach_clamp_min_(small, -limit)
+        torch._foreach_clamp_max_(small, limit)
+
+
+def unit_ndim(tensor: Tensor) -> int:
+    """How many trailing dims make one AGC unit: all but the first for 2+ dims, else the whole tensor."""
+    return tensor.ndim - 1 if tensor.ndim >= 2 else tensor.ndim
+
+
+def unit_norms(tensor: Tensor, ndim: int | None = None) -> Tensor:
+    """L2 norm of each unit over the last ``ndim`` dims (default :func:`unit_ndim`), kept broadcastable.
+
+    For a Linear weight a unit is an output row, for a Conv weight an output filter (Brock et al. 2021).
+    Accumulated in float32 (float64 for float64).
+    """
+    ndim = unit_ndim(tensor) if ndim is None else ndim
+    accumulate = accumulation_dtype(tensor.dtype)
+    if ndim == 0:
+        return tensor.abs().to(accumulate)
+    dims = tuple(range(tensor.ndim - ndim, tensor.ndim))
+    return torch.linalg.vector_norm(tensor, dim=dims, keepdim=True, dtype=accumulate)
+
+
+def _scale_units_one_(grad: Tensor, weight: Tensor, coefficient: UnitCoefficient) -> tuple[Tensor, Tensor]:
+    grad_norms = unit_norms(grad)
+    coef = coefficient(grad_norms, unit_norms(weight))
+    grad.mul_(coef)
+    return grad_norms, coef
+
+
+def _scale_units_stacked_(
+    grads: list[Tensor], weights: list[Tensor], coefficient: UnitCoefficient, stack: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Units of same-shaped tensors on their stack ``stack`` (shaped ``[len(grads), *shape]``): the
+    weights' unit norms, then the grads', then the scaled grads copied back."""
+    ndim = unit_ndim(grads[0])
+    weight_norms = unit_norms(torch.stack(weights, out=stack), ndim)
+    grad_norms = unit_norms(torch.stack(grads, out=stack), ndim)
+    coef = coefficient(grad_norms, weight_norms)
+    torch.unbind_copy(stack.mul_(coef), 0, out=grads)
+    return grad_norms, coef
+
+
+def scale_units_(
+    grads: list[Tensor], weights: list[Tensor], coefficient: UnitCoefficient
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """``G_u ← G_u · c_u`` with ``c_u = coefficient(‖G_u‖, ‖W_u‖)`` for every unit (see :func:`unit_norms`)
+    of every grad; yields ``(‖G_u‖, c_u)`` per part (a tensor, or a stack of tensors) as it goes.
+
+    ``grads`` and ``weights`` pair up and share one device and dtype. Tensors with at most
+    :data:`STACK_NUMEL` / 4 elements are clipped on stacks of one shape.
+    """
+    stack_numel = max(_buffer_numel(STACK_NUMEL, sum(g.numel() for g in grads)), 1)
+    stackable: dict[torch.Size, list[int]] = defaultdict(list)
+    for i, grad in enumerate(grads):
+        if 0 < grad.numel() * 4 <= stack_numel:
+            stackable[grad.shape].append(i)
+        else:
+            yield _scale_units_one_(grad, weights[i], coefficient)
+    if not stackable:
+        return
+    buffer = torch.empty(stack_numel, dtype=grads[0].dtype, device=grads[0].device)
+    for shape, indices in stackable.items():
+        per_stack = stack_numel // shape.numel()
+        for start in range(0, len(indices), per_stack):
+            chunk = indices[start : start + per_stack]
+            stack = buffer[: len(chunk) * shape.numel()].view(len(chunk), *shape)
+            yield _scale_units_stacked_(
+                [grads[i] for i in chunk], [weights[i] for i in chunk], coefficient, stack
+            )
+
+
+COUNT_CHUNK_NUMEL = 1 << 24
+"""At most this many elements are compared at once when counting (so float32 counts stay exact)."""
+
+
+def count_beyond(tensors: list[Tensor], limit: float) -> Tensor:
+    """``[#{|t_i| > limit} for each tensor]``, 1-D int64 (a NaN element is not counted; a small tensor
+    holding one counts 0); temporaries hold at most 1/128 of the elements
+    (and at least :data:`CPU_DOT_MIN_NUMEL`), so large tensors are counted a chunk at a time and small
+    ones a group at a time with foreach kernels."""
+    chunk = min(COUNT_CHUNK_NUMEL, max(CPU_DOT_MIN_NUMEL, sum(t.numel() for t in tensors) // MEMORY_SHARE))
+    counts: list[Tensor | None] = [None] * len(tensors)
+    group: list[int] = []
+    group_numel = 0
+
+    def count_group() -> None:
+        temps = torch._foreach_abs([tensors[i] for i in group])
+        torch._foreach_sub_(temps, limit)
+        torch._foreach_clamp_min_(temps, 0.0)
+        torch._foreach_sign_(temps)
+        found = torch.stack(torch._foreach_norm(temps, 1.0, dtype=torch.float32)).nan_to_num_(0.0)
+        for i, count in zip(group, found.to(torch.int64).unbind(), strict=True):
+            counts[i] = count
+
+    for i, tensor in enumerate(tensors):
+        numel = tensor.numel()
+        if numel > chunk:
+            rows = tensor.reshape(-1) if tensor.is_contiguous() else tensor
+            step = max(1, chunk // max(1, numel // rows.shape[0]))
+            counts[i] = torch.stack(
+                [torch.count_nonzero(part.abs() > limit) for part in rows.split(step)]
+            ).sum()
+            continue
+        if group and group_numel + numel > chunk:
+            count_group()
+            group, group_numel = [], 0
+        group.append(i)
+        group_numel += numel
+    if group:
+        count_group()
+    return torch.stack([c for c in counts if c is not None])
