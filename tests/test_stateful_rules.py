@@ -320,6 +320,124 @@ def test_load_state_dict_refuses_other_settings(clipping_type: str, state: dict,
         GradientClipper(clipping_type, 1.0).load_state_dict(state)
 
 
+def _trained(clipping_type: str, **options: object) -> GradientClipper:
+    clipper = GradientClipper(clipping_type, 1.0, **options)
+    params = make_params()
+    for norms in ([1.0, 1.0, 1.0], [2.0, 1.0, 0.5], [1.0, 3.0, 1.0]):
+        set_grads(params, norms)
+        clipper(params)
+    return clipper
+
+
+def _with(state: dict, part: str, key: str, value: object) -> dict:
+    changed = {name: dict(values) for name, values in state.items()}
+    changed[part][key] = value
+    return changed
+
+
+@pytest.mark.parametrize(
+    ("clipping_type", "options", "part", "key", "value", "message"),
+    [
+        (
+            "zscore",
+            {},
+            "rule",
+            "mean",
+            torch.tensor(math.nan),
+            r"state.rule.mean: expected a finite number >= 0, got nan",
+        ),
+        (
+            "zscore",
+            {},
+            "rule",
+            "var",
+            torch.tensor(-1.0),
+            r"state.rule.var: expected a finite number >= 0, got -1.0",
+        ),
+        (
+            "zscore",
+            {},
+            "rule",
+            "step",
+            torch.tensor(-3),
+            r"state.rule.step: expected an integer >= 0, got -3",
+        ),
+        (
+            "zscore",
+            {},
+            "rule",
+            "step",
+            3,
+            r"state.rule.step: expected a torch.int64 tensor of shape \(\), got 3",
+        ),
+        ("zscore", {}, "rule", "step", torch.tensor(2.5), r"state.rule.step: expected a torch.int64 tensor"),
+        (
+            "adagc",
+            {},
+            "rule",
+            "gamma",
+            torch.tensor([1.0, math.nan, 1.0]),
+            r"state.rule.gamma: expected numbers >= 0",
+        ),
+        ("adagc", {}, "rule", "step", torch.tensor(-1), r"state.rule.step: expected an integer >= 0, got -1"),
+        (
+            "quantile",
+            {"window": 4},
+            "rule",
+            "count",
+            torch.tensor(-2),
+            r"state.rule.count: expected an integer >= 0",
+        ),
+        (
+            "quantile",
+            {"window": 4},
+            "rule",
+            "norms",
+            torch.tensor([1.0, math.nan, 2.0, math.nan]),
+            r"state.rule.norms: the 3 recorded norms must be finite and >= 0",
+        ),
+        (
+            "norm",
+            {"skip_spikes": 3.0, "spike_window": 4},
+            "spikes",
+            "norms",
+            torch.tensor([1.0, -1.0, 2.0, math.nan]),
+            r"state.spikes.norms: the 3 recorded norms must be finite and >= 0",
+        ),
+    ],
+)
+def test_load_state_dict_checks_values_and_changes_nothing_on_error(
+    clipping_type: str, options: dict, part: str, key: str, value: object, message: str
+) -> None:
+    """A bad value anywhere raises before anything is replaced: the clipper goes on as it was."""
+    clipper = _trained(clipping_type, **options)
+    good = clipper.state_dict()
+    with pytest.raises(ValueError, match=message):
+        clipper.load_state_dict(_with(good, part, key, value))
+    for name, values in clipper.state_dict().items():
+        for field, tensor in values.items():
+            torch.testing.assert_close(tensor, good[name][field], rtol=0, atol=0, equal_nan=True)
+
+
+def test_a_bad_spike_window_leaves_the_rule_state_alone() -> None:
+    """Both parts are checked before either is replaced (no half-loaded state)."""
+    clipper = _trained("zscore", skip_spikes=3.0, spike_window=4)
+    good = clipper.state_dict()
+    fresh = GradientClipper("zscore", 1.0, skip_spikes=3.0, spike_window=4)
+    with pytest.raises(ValueError, match=r"state.spikes: expected keys count, norms, got norms"):
+        fresh.load_state_dict({"rule": good["rule"], "spikes": {"norms": good["spikes"]["norms"]}})
+    assert fresh.state_dict() == {}
+
+
+def test_a_zscore_state_with_a_nan_mean_cannot_switch_spike_clipping_off() -> None:
+    """The issue this guards: a NaN mean loaded silently made every later spike pass unclipped."""
+    clipper = _trained("zscore")
+    state = clipper.state_dict()
+    state["rule"]["mean"] = torch.tensor(math.nan)
+    with pytest.raises(ValueError, match=r"state\.rule\.mean"):
+        GradientClipper("zscore", 1.0).load_state_dict(state)
+
+
 def test_state_lives_on_the_grads_device_and_follows_a_cpu_load() -> None:
     clipper = GradientClipper("zscore", 1.0)
     params = make_params()

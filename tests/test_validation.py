@@ -73,3 +73,86 @@ def test_sparse_grad_is_a_type_error() -> None:
     embedding(torch.tensor([1, 2])).sum().backward()
     with pytest.raises(TypeError, match=r"gradient of weight has layout torch.sparse_coo"):
         apply_gradient_clipping(embedding, "norm", 1.0)
+
+
+@pytest.mark.parametrize(
+    ("parameters", "message"),
+    [
+        (None, r"parameters: expected an nn.Module, a tensor, or an iterable .* got None \(NoneType\)"),
+        (42, r"parameters: expected an nn.Module, .* got 42 \(int\)"),
+        ("weight", r"parameters: expected an nn.Module, .* got 'weight' \(str\)"),
+    ],
+)
+def test_parameters_of_the_wrong_kind(parameters: object, message: str) -> None:
+    with pytest.raises(TypeError, match=message):
+        apply_gradient_clipping(parameters, "norm", 1.0)
+
+
+def test_an_optimizer_in_place_of_parameters_says_what_to_pass(param: torch.nn.Parameter) -> None:
+    optimizer = torch.optim.SGD([param], lr=0.1)
+    with pytest.raises(TypeError, match=r"parameters: got an optimizer \(SGD\); pass the model"):
+        apply_gradient_clipping(optimizer, "norm", 1.0)
+    assert torch.equal(param.grad, torch.ones(3))
+
+
+def test_a_used_up_generator_is_an_error() -> None:
+    model = torch.nn.Linear(3, 2)
+    model(torch.ones(1, 3)).sum().backward()
+    parameters = model.parameters()
+    apply_gradient_clipping(parameters, "norm", 1.0)
+    with pytest.raises(ValueError, match=r"parameters: the iterator yielded no tensors .* read only once"):
+        apply_gradient_clipping(parameters, "norm", 1.0)
+
+
+@pytest.mark.parametrize("exclude", [5, 1.5, {"a": 1}])
+def test_exclude_of_the_wrong_kind(param: torch.nn.Parameter, exclude: object) -> None:
+    with pytest.raises(TypeError, match=r"exclude: expected a glob pattern, a callable .* got"):
+        apply_gradient_clipping(param, "norm", 1.0, exclude=exclude)
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.int64, torch.int8])
+@pytest.mark.parametrize("clipping_type", ["norm", "value", "adaptive"])
+def test_non_floating_grads_are_named_before_any_grad_changes(dtype: torch.dtype, clipping_type: str) -> None:
+    model = torch.nn.ModuleDict({"good": torch.nn.Linear(3, 3), "odd": torch.nn.Linear(3, 3)})
+    model["good"].weight.grad = torch.full((3, 3), 100.0)
+    odd = torch.nn.Parameter(torch.zeros(3, dtype=dtype), requires_grad=False)
+    odd.grad = torch.ones(3, dtype=dtype)
+    model["odd"].register_parameter("bias", odd)
+    with pytest.raises(
+        TypeError, match=rf"parameters: gradient of odd\.bias has dtype {dtype}; only floating"
+    ):
+        apply_gradient_clipping(model, clipping_type, 0.1)
+    assert torch.equal(model["good"].weight.grad, torch.full((3, 3), 100.0))
+
+
+@pytest.mark.parametrize("clipping_type", ["norm", "value", "adaptive"])
+def test_a_meta_parameter_fails_before_the_cpu_grads_change(clipping_type: str) -> None:
+    cpu = torch.nn.Linear(3, 3)
+    cpu.weight.grad = torch.full((3, 3), 100.0)
+    meta = torch.nn.Linear(3, 3, device="meta")
+    meta.weight.grad = torch.ones(3, 3, device="meta")
+    model = torch.nn.Sequential(cpu, meta)
+    with pytest.raises(ValueError, match=r"parameters: 1\.weight is on the meta device and holds no values"):
+        apply_gradient_clipping(model, clipping_type, 0.1)
+    assert torch.equal(cpu.weight.grad, torch.full((3, 3), 100.0))
+
+
+def test_quantile_window_beyond_what_a_quantile_can_take() -> None:
+    from gradclip_algo import GradientClipper
+
+    with pytest.raises(ValueError, match=r"window: expected an integer in \[2, 16777216\], got 16777217"):
+        GradientClipper("quantile", 1.0, window=2**24 + 1)
+
+
+def test_spike_window_without_skip_spikes_is_an_error() -> None:
+    from gradclip_algo import GradientClipper
+
+    with pytest.raises(ValueError, match=r"spike_window: 64 has no effect without skip_spikes"):
+        GradientClipper("norm", 1.0, spike_window=64)
+
+
+@pytest.mark.parametrize("with_stats", ["no", 0, None])
+def test_with_stats_must_be_a_bool(param: torch.nn.Parameter, with_stats: object) -> None:
+    with pytest.raises(ValueError, match=r"with_stats: expected true or false, got"):
+        apply_gradient_clipping(param, "norm", 1.0, with_stats=with_stats)
+    assert torch.equal(param.grad, torch.ones(3))

@@ -1,0 +1,85 @@
+"""Settings and inputs that would make a call do nothing warn (once per clipper) or fail."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from gradclip_algo import GradientClipper, apply_gradient_clipping
+
+
+class TinyLM(nn.Module):
+    """An embedding whose weight the output head shares, as language models tie them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.block = nn.Linear(4, 4)
+        self.lm_head = nn.Linear(4, 10, bias=False)
+        self.lm_head.weight = self.embed.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(torch.tanh(self.block(self.embed(tokens))))
+
+
+def backward(model: nn.Module) -> None:
+    model.zero_grad(set_to_none=True)
+    model(torch.tensor([[1, 2, 3]])).square().sum().backward()
+
+
+def test_an_exclude_glob_that_matches_nothing_warns_once_per_clipper() -> None:
+    model = TinyLM()
+    backward(model)
+    clipper = GradientClipper("adaptive", 0.01, exclude=["*fc.*"])
+    with pytest.warns(UserWarning, match=r"exclude: pattern\(s\) '\*fc\.\*' match no parameter name"):
+        clipper(model)
+    backward(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        clipper(model)
+
+
+def test_a_glob_on_the_tied_heads_name_excludes_the_shared_weight() -> None:
+    model = TinyLM()
+    backward(model)
+    shared = model.embed.weight.grad.clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        apply_gradient_clipping(model, "norm", 1e-6, exclude=["lm_head.*"])
+    assert torch.equal(model.embed.weight.grad, shared)
+    assert model.block.weight.grad.norm() < 1e-6
+
+
+@pytest.mark.parametrize("wrap", ["compile", "pairs-of-compile"])
+def test_globs_written_for_the_plain_model_match_through_compile(wrap: str) -> None:
+    model = TinyLM()
+    compiled = torch.compile(model)
+    backward(model)
+    block = model.block.weight.grad.clone()
+    parameters = compiled if wrap == "compile" else compiled.named_parameters()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        apply_gradient_clipping(parameters, "norm", 1e-6, exclude=["block.*"])
+    assert torch.equal(model.block.weight.grad, block)
+
+
+def test_globs_match_ddp_style_names() -> None:
+    """``DDP(model).named_parameters()`` names start with ``module.``; a glob for the model still matches."""
+    model = TinyLM()
+    backward(model)
+    block = model.block.weight.grad.clone()
+    pairs = [(f"module._orig_mod.{name}", param) for name, param in model.named_parameters()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        apply_gradient_clipping(pairs, "norm", 1e-6, exclude="block.*")
+    assert torch.equal(model.block.weight.grad, block)
+
+
+def test_grads_passed_in_place_of_parameters_warn() -> None:
+    model = TinyLM()
+    backward(model)
+    with pytest.warns(UserWarning, match=r"none of the 3 tensors has a \.grad or requires grad"):
+        apply_gradient_clipping([p.grad for p in model.parameters()], "norm", 1.0)
