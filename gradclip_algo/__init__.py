@@ -13,9 +13,8 @@ from gradclip_algo.clipper import GradientClipper
 from gradclip_algo.functional import apply_gradient_clipping
 from gradclip_algo.kernels import unit_norms
 from gradclip_algo.nonfinite import NONFINITE_MODES, NonFiniteGradError
-from gradclip_algo.norms import get_total_norm
+from gradclip_algo.norms import clip_coefficient, clip_grads_with_norm_, get_total_norm
 from gradclip_algo.rules import CLIPPING_TYPES
-from gradclip_algo.scaling import clip_coefficient, clip_grads_with_norm_
 from gradclip_algo.stats import ClipStats
 
 _LAZY = {"GradientClipping": "gradclip_algo.algorithm", "build_algorithms": "gradclip_algo.config"}

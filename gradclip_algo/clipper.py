@@ -26,13 +26,17 @@ from gradclip_algo.parameters import Exclusion, Named, Parameters, collect, with
 from gradclip_algo.rules import CLIPPING_TYPES, RULES, State
 from gradclip_algo.spikes import (
     SPIKE_WINDOW,
-    check_spike_limit,
-    check_spike_window,
     init_spike_state,
     is_spike_,
 )
 from gradclip_algo.stats import ClipStats
-from gradclip_algo.validation import check_bool, check_choice, check_known_options, check_positive_number
+from gradclip_algo.validation import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_known_options,
+    check_positive_number,
+)
 
 COMMON_OPTIONS = ("exclude", "nonfinite", "error_if_nonfinite", "skip_spikes", "spike_window")
 
@@ -70,14 +74,18 @@ class GradientClipper:
             nonfinite = "error"
         self.nonfinite = nonfinite
         self.exclude = options.get("exclude")
-        self.exclusion = Exclusion(self.exclude)
-        self.skip_spikes = check_spike_limit("skip_spikes", options.get("skip_spikes"))
+        self.exclusion = Exclusion(self.exclude) if self.exclude is not None else None
+        skip_spikes = options.get("skip_spikes")
+        self.skip_spikes = None if skip_spikes is None else check_positive_number("skip_spikes", skip_spikes)
         if "spike_window" in options and self.skip_spikes is None:
             raise ValueError(
                 f"spike_window: {options['spike_window']!r} has no effect without skip_spikes; set "
                 "skip_spikes (e.g. 6.0) too, or drop spike_window"
             )
-        self.spike_window = check_spike_window("spike_window", options.get("spike_window", SPIKE_WINDOW))
+        # at least 4 norms, so that half a window has the 2 a standard deviation needs
+        self.spike_window = check_int("spike_window", options.get("spike_window", SPIKE_WINDOW), 4)
+        self.stateful = self.rule.update is not None or self.skip_spikes is not None
+        """Whether the clipper keeps statistics from call to call (a stateful rule, or spike skipping)."""
         self.state: State | None = None
         self.spike_state: State | None = None
         self._warned = False
@@ -91,9 +99,9 @@ class GradientClipper:
         """
         check_bool("with_stats", with_stats)
         module = parameters if isinstance(parameters, nn.Module) else None
-        everything = collect(parameters, names=bool(self.exclusion))
-        selected, grads = with_grads(everything, self.exclusion if self.exclusion else None, module)
-        if not self._warned:
+        everything = collect(parameters, names=self.exclusion is not None)
+        selected, grads = with_grads(everything, self.exclusion, module)
+        if not self._warned and (self.exclusion is not None or not selected):
             self._warn_about(everything, selected)
         shards = local_shards([item.param for item in selected], module, grads)
         if not shards.grads and shards.group is None:  # a sharded rank without grads still joins reductions
@@ -131,7 +139,7 @@ class GradientClipper:
 
     def _warn_about(self, everything: list[Named], selected: list[Named]) -> None:
         """Warn, once per clipper, where a setting or the input would make the call do nothing."""
-        unmatched = self.exclusion.unmatched()
+        unmatched = self.exclusion.unmatched() if self.exclusion is not None else []
         if unmatched and everything:
             examples = ", ".join(repr(n) for item in everything[:3] for n in item.names[:1])
             warnings.warn(
@@ -151,15 +159,10 @@ class GradientClipper:
     def _nonfinite_error(
         self, selected: list[Named], module: nn.Module | None, shards: Shards, norm: Tensor
     ) -> Exception:
-        if module is not None and not self.exclusion:  # names were not built on the fast path
+        if module is not None and self.exclusion is None:  # names were not built on the fast path
             selected, _ = with_grads(collect(module), None)
         pairs = [(item.names[0] if item.names else None, item.param) for item in selected]
         return nonfinite_error(pairs, shards.grads, norm)
-
-    @property
-    def stateful(self) -> bool:
-        """Whether the clipper keeps statistics from call to call (a stateful rule, or spike skipping)."""
-        return self.rule.is_stateful or self.skip_spikes is not None
 
     def state_dict(self) -> dict[str, Any]:
         """``rule``: the rule's statistics, ``spikes``: the spike window; each present once it exists.

@@ -139,25 +139,27 @@ def _packs(tensors: list[Tensor], limit: int) -> Iterator[tuple[list[Tensor], tu
 def total_power_sum(tensors: list[Tensor], norm_type: float) -> Tensor:
     """``Σ_i Σ|t_i|^p`` (``max_i max|t_i|`` for p = inf), 0-d in the accumulation dtype.
 
-    ``tensors``: one device and dtype, at least one. On CPU (p = 2 or inf) small tensors are packed into
-    one buffer, a pack at a time, each pack taking one dot or aminmax.
+    ``tensors``: one device and dtype, at least one. On CPU (p = 2 or inf) tensors of at least
+    :data:`CPU_DOT_MIN_NUMEL` elements get their own dot or aminmax, and smaller ones are packed into one
+    buffer of at most :data:`PACK_NUMEL` elements, a pack at a time, each pack taking one.
     """
     first = tensors[0]
     if not _has_cpu_kernel(first, norm_type):
         return _combine(_foreach_power_sums(tensors, norm_type), norm_type)
-    small, large, strided = [], [], []
-    for t in tensors:
-        numel = t.numel()
-        if numel >= CPU_DOT_MIN_NUMEL:
-            (large if t.is_contiguous() else strided).append(t)
+    numels = [t.numel() for t in tensors]
+    buffer_numel = _buffer_numel(PACK_NUMEL, sum(numels))
+    parts, packable, rest = [], [], []
+    packed_numel = 0
+    for tensor, numel in zip(tensors, numels, strict=True):
+        if numel >= CPU_DOT_MIN_NUMEL and tensor.is_contiguous():
+            parts.append(_cpu_power_sum(tensor, norm_type))
+        elif 0 < numel <= buffer_numel:
+            packable.append(tensor)
+            packed_numel += numel
         elif numel:
-            small.append(t)
-    parts = [_cpu_power_sum(t, norm_type) for t in large]
-    buffer_numel = _buffer_numel(PACK_NUMEL, sum(t.numel() for t in tensors))
-    packable = [t for t in small if t.numel() <= buffer_numel]
-    rest = strided + [t for t in small if t.numel() > buffer_numel]
+            rest.append(tensor)
     if len(packable) > 1:
-        buffer = first.new_empty(min(buffer_numel, sum(t.numel() for t in packable)))
+        buffer = first.new_empty(min(buffer_numel, packed_numel))
         for pack, trailing, numel in _packs(packable, buffer.numel()):
             block = torch.cat(pack, out=buffer[:numel].view(-1, *trailing))
             parts.append(_cpu_power_sum(block, norm_type))

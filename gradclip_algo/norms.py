@@ -1,4 +1,8 @@
-"""Gradient norms over many tensors, as torch's ``get_total_norm``, without host synchronisation.
+"""The total norm of many grads and their scaling by a clipping coefficient, as torch's
+``get_total_norm`` and ``clip_grads_with_norm_``, without host synchronisation.
+
+Every norm-based type (``norm``, ``quantile``, ``zscore``, the warm-up of ``adagc``) clips with
+:func:`clip_coefficient`; only the threshold differs.
 
 A p-norm over many tensors is ``root(Σ_i Σ|g_i|^p)`` (``max_i max|g_i|`` for p = inf). Power sums are
 what add up across tensors, devices and ranks, so they are what this module works with; the kernels per
@@ -64,13 +68,13 @@ def power_sums(tensors: list[Tensor], norm_type: float, device: torch.device | N
 def power_sum(tensors: list[Tensor], norm_type: float, device: torch.device | None = None) -> Tensor:
     """``Σ_i Σ|t_i|^p`` (``max_i max|t_i|`` for inf), 0-d on ``device`` (default: the first tensor's), in
     :func:`sum_dtype`; 0 for no tensors."""
-    dtype = sum_dtype(tensors)
     if not tensors:
-        return torch.zeros((), dtype=dtype, device=device)
+        return torch.zeros((), dtype=torch.float32, device=device)
     device = device if device is not None else tensors[0].device
     groups = group_by_device_and_dtype(tensors)
     if len(groups) == 1:
-        return kernels.total_power_sum(tensors, norm_type).to(device, dtype)
+        return kernels.total_power_sum(tensors, norm_type).to(device)
+    dtype = sum_dtype(tensors)
     sums = [
         kernels.total_power_sum([tensors[i] for i in indices], norm_type).to(device, dtype)
         for indices in groups.values()
@@ -86,3 +90,34 @@ def get_total_norm(
     but half-precision tensors are summed in float32. Local tensors only: for sharded grads the clipper
     reduces the power sums across ranks."""
     return root(power_sum(tensors, norm_type, device), norm_type)
+
+
+NORM_EPS = 1e-6
+"""Added to the norm in the coefficient's denominator, as in ``torch.nn.utils.clip_grad_norm_``."""
+
+
+def clip_coefficient(total_norm: Tensor, max_norm: float | Tensor) -> Tensor:
+    """``min(1, τ / (‖G‖ + 1e-6))``: the factor that brings the norm ``‖G‖`` down to the threshold ``τ``.
+
+    A factor of exactly 1 when ``‖G‖ + 1e-6 ≤ τ`` (always for ``τ = inf`` and a finite norm). As torch's,
+    a NaN norm gives NaN and an infinite one 0 (NaN for ``τ = inf``).
+    """
+    return torch.clamp(max_norm / (total_norm + NORM_EPS), max=1.0)
+
+
+def scale_grads_(grads: list[Tensor], coef: Tensor) -> None:
+    """``g ← g · coef`` for every grad, in place; ``coef`` is a 0-d tensor on any device. No host sync."""
+    for (device, _), indices in group_by_device_and_dtype(grads).items():
+        group = grads if len(indices) == len(grads) else [grads[i] for i in indices]
+        kernels.scale_(group, coef.to(device, non_blocking=True))
+
+
+def clip_grads_with_norm_(grads: list[Tensor], max_norm: float | Tensor, total_norm: Tensor) -> Tensor:
+    """Scale ``grads`` in place by :func:`clip_coefficient` of ``total_norm`` (computed by the caller, e.g.
+    with :func:`~gradclip_algo.get_total_norm`) and ``max_norm``; returns the coefficient.
+
+    The multiply always runs (a factor of 1 under the threshold), so nothing waits for the device.
+    """
+    coef = clip_coefficient(total_norm, max_norm)
+    scale_grads_(grads, coef)
+    return coef

@@ -17,6 +17,8 @@ Predicate = Callable[[str, Tensor], bool]
 Exclude = str | Predicate | Sequence[str | Predicate] | None
 Parameters = nn.Module | Tensor | Iterable[Tensor] | Iterable[tuple[str, Tensor]]
 
+FLOATING = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
+"""The grad dtypes that can be clipped."""
 WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 """Name segments that FSDP1, activation checkpointing and ``torch.compile`` insert."""
 WRAPPER_PREFIX = "module."
@@ -46,26 +48,24 @@ class Named:
     param: Tensor
 
 
-def _submodules(module: nn.Module, seen: set[int]) -> Iterator[nn.Module]:
-    """``module.modules()``, in its order, remembering modules by ``id``: some modules (torchmetrics'
-    metrics, held by Composer models) define a costly ``__hash__``."""
-    if id(module) in seen:
-        return
-    seen.add(id(module))
-    yield module
-    for child in module._modules.values():
-        if child is not None:
-            yield from _submodules(child, seen)
-
-
 def _module_parameters(module: nn.Module) -> list[Tensor]:
-    """``list(module.parameters())``, in its order, without building the names."""
-    found = [
-        param for sub in _submodules(module, set()) for param in sub._parameters.values() if param is not None
-    ]
-    if len(set(map(id, found))) == len(found):
-        return found
-    return list({id(param): param for param in found}.values())  # shared: keep the first of each
+    """``list(module.parameters())``, in its order, without building the names. Modules are told apart
+    by ``id``: some (torchmetrics' metrics, held by Composer models) define a costly ``__hash__``."""
+    found: list[Tensor] = []
+    seen_modules: set[int] = set()
+    seen_params: set[int] = set()
+    stack = [module]
+    while stack:
+        current = stack.pop()
+        if id(current) in seen_modules:
+            continue
+        seen_modules.add(id(current))
+        for param in current._parameters.values():
+            if param is not None and id(param) not in seen_params:
+                seen_params.add(id(param))
+                found.append(param)
+        stack.extend(child for child in reversed(current._modules.values()) if child is not None)
+    return found
 
 
 def _unwrapped_module(module: nn.Module) -> nn.Module:
@@ -155,24 +155,25 @@ def _names_in(module: nn.Module, param: Tensor) -> tuple[str, ...]:
     return next((item.names for item in collect(module) if item.param is param), ())
 
 
-def _grad_problem(param: Tensor, grad: Tensor) -> tuple[type[Exception], str] | None:
-    """Why ``grad`` cannot be clipped, as ``(error type, message about "{what}")``, or ``None``."""
+def _grad_error(item: Named, grad: Tensor, module: nn.Module | None) -> Exception:
+    """The error for a grad that cannot be clipped (sparse, not floating-point, or on the meta device),
+    naming its parameter (looked up in ``module`` where ``item`` carries no name)."""
+    names = item.names or (_names_in(module, item.param) if module is not None else ())
+    what = names[0] if names else f"a parameter of shape {tuple(item.param.shape)}"
     if grad.layout is not torch.strided:
-        return (
-            TypeError,
-            f"gradient of {{what}} has layout {grad.layout}; only dense (strided) gradients can be clipped",
+        return TypeError(
+            f"parameters: gradient of {what} has layout {grad.layout}; only dense (strided) gradients can "
+            "be clipped"
         )
-    if not grad.is_floating_point():
-        return TypeError, (
-            f"gradient of {{what}} has dtype {grad.dtype}; only floating-point gradients "
+    if grad.dtype not in FLOATING:
+        return TypeError(
+            f"parameters: gradient of {what} has dtype {grad.dtype}; only floating-point gradients "
             "(float16, bfloat16, float32, float64) can be clipped"
         )
-    if grad.is_meta or param.is_meta:
-        return ValueError, (
-            "{what} is on the meta device and holds no values; materialise the model "
-            "(e.g. model.to_empty(device=...)) before clipping"
-        )
-    return None
+    return ValueError(
+        f"parameters: {what} is on the meta device and holds no values; materialise the model "
+        "(e.g. model.to_empty(device=...)) before clipping"
+    )
 
 
 def with_grads(
@@ -180,7 +181,7 @@ def with_grads(
 ) -> tuple[list[Named], list[Tensor]]:
     """The parameters whose ``.grad`` is set and that ``excluded`` does not match, and their grads.
 
-    Every grad is checked first (:func:`_grad_problem`), so a bad one raises before any grad changes; its
+    Every grad is checked first (:func:`_grad_error`), so a bad one raises before any grad changes; its
     error names the parameter, looked up in ``module`` where ``named`` carries no names.
     """
     selected, grads = [], []
@@ -190,12 +191,13 @@ def with_grads(
         grad = item.param.grad
         if grad is None:
             continue
-        problem = _grad_problem(item.param, grad)
-        if problem is not None:
-            names = item.names or (_names_in(module, item.param) if module is not None else ())
-            what = names[0] if names else f"a parameter of shape {tuple(item.param.shape)}"
-            error, message = problem
-            raise error("parameters: " + message.format(what=what))
+        if (
+            grad.layout is not torch.strided
+            or grad.dtype not in FLOATING
+            or grad.is_meta
+            or item.param.is_meta
+        ):
+            raise _grad_error(item, grad, module)
         selected.append(item)
         grads.append(grad)
     return selected, grads
@@ -207,9 +209,6 @@ class Exclusion:
     def __init__(self, exclude: Exclude) -> None:
         self.rules = check_exclude(exclude)
         self.matched: set[str] = set()
-
-    def __bool__(self) -> bool:
-        return bool(self.rules)
 
     def __call__(self, item: Named) -> bool:
         if not item.names:

@@ -14,25 +14,12 @@ the grads for the norm). The window is part of ``GradientClipper.state_dict()``.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
 from gradclip_algo.norm_history import empty_history, mean_and_std, record_
-from gradclip_algo.validation import check_int, check_positive_number
 
 SPIKE_WINDOW = 128  # OLMo-core's rolling interval; its sigma factor is 6
-
-
-def check_spike_limit(field: str, value: Any) -> float | None:
-    """``None`` (no skipping) or the z limit k > 0."""
-    return None if value is None else check_positive_number(field, value)
-
-
-def check_spike_window(field: str, value: Any) -> int:
-    """At least 4 norms, so that half a window has the 2 a standard deviation needs."""
-    return check_int(field, value, 4)
 
 
 def init_spike_state(device: torch.device | str, window: int) -> dict[str, Tensor]:

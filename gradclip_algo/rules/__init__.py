@@ -62,10 +62,6 @@ class Rule:
             threshold_may_be_inf=True,
         )
 
-    @property
-    def is_stateful(self) -> bool:
-        return self.update is not None
-
 
 RULES: Mapping[str, Rule] = {
     "norm": Rule(NormOptions, clip=clip_by_norm),

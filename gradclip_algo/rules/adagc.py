@@ -14,9 +14,8 @@ from torch import Tensor
 
 from gradclip_algo import kernels
 from gradclip_algo.distributed import Shards
-from gradclip_algo.norms import group_by_device_and_dtype, power_sums
+from gradclip_algo.norms import clip_coefficient, group_by_device_and_dtype, power_sums
 from gradclip_algo.options import RuleOptions, option
-from gradclip_algo.scaling import clip_coefficient
 from gradclip_algo.stats import ClipStats
 from gradclip_algo.validation import check_in_interval, check_int, check_positive_number, check_state_tensor
 

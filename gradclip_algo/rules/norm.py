@@ -8,8 +8,8 @@ import torch
 from torch import Tensor
 
 from gradclip_algo.distributed import Shards
+from gradclip_algo.norms import clip_coefficient, scale_grads_
 from gradclip_algo.options import RuleOptions, option
-from gradclip_algo.scaling import clip_coefficient, scale_grads_
 from gradclip_algo.stats import ClipStats
 from gradclip_algo.validation import check_positive_number
 
