@@ -17,6 +17,8 @@ each covered at and around its size limits by the differential fuzz (``tests/tes
   buffer that goes to one dot. p = inf: ``torch.aminmax`` in place of the dot.
 - CPU: one in-place ``clamp_`` for tensors of at least :data:`CPU_DOT_MIN_NUMEL` elements (torch's
   foreach pair makes two passes).
+- CPU: AGC on a tensor of more than :data:`CPU_REUSE_NUMEL` elements runs a block of whole rows at a
+  time: its norms, then its multiply while it is still in cache.
 - Any device: AGC on small tensors of one shape runs on their stack (:data:`STACK_NUMEL` elements at a
   time), a few ops per stack instead of a few per tensor.
 
@@ -27,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor
@@ -38,9 +40,12 @@ PACK_NUMEL = 1 << 18
 """Elements of the buffer that small CPU tensors are packed into (1 MiB of float32: an L2 cache)."""
 STACK_NUMEL = 1 << 20
 """Elements of the buffer that small same-shaped tensors are stacked in for AGC."""
+CPU_REUSE_NUMEL = 1 << 22
+"""AGC on CPU clips a larger tensor a block of whole rows of at most this many elements (16 MiB of
+float32) at a time, so that the block is still in the L3 cache when it is multiplied after its norms."""
 MEMORY_SHARE = 128
 """A buffer holds at most 1/128 of the elements of the tensors it serves (under 1 % extra memory)."""
-SIZE_LIMITS = (CPU_DOT_MIN_NUMEL, PACK_NUMEL, STACK_NUMEL, MEMORY_SHARE * CPU_DOT_MIN_NUMEL)
+SIZE_LIMITS = (CPU_DOT_MIN_NUMEL, PACK_NUMEL, STACK_NUMEL, CPU_REUSE_NUMEL, MEMORY_SHARE * CPU_DOT_MIN_NUMEL)
 """The sizes at which a fast path starts or a buffer fills: the fuzz draws tensors on and around them."""
 
 UnitCoefficient = Callable[[Tensor, Tensor], Tensor]
@@ -214,11 +219,21 @@ def unit_norms(tensor: Tensor, ndim: int | None = None) -> Tensor:
     return torch.linalg.vector_norm(tensor, dim=dims, keepdim=True, dtype=accumulate)
 
 
-def _scale_units_one_(grad: Tensor, weight: Tensor, coefficient: UnitCoefficient) -> tuple[Tensor, Tensor]:
-    grad_norms = unit_norms(grad)
-    coef = coefficient(grad_norms, unit_norms(weight))
-    grad.mul_(coef)
-    return grad_norms, coef
+def _scale_units_one_(
+    grad: Tensor, weight: Tensor, coefficient: UnitCoefficient
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """One tensor's units; on CPU a large one a block of whole rows at a time."""
+    ndim = unit_ndim(grad)
+    parts: Iterable[tuple[Tensor, Tensor]] = [(grad, weight)]
+    if grad.ndim >= 2 and grad.device.type == "cpu" and grad.numel() > CPU_REUSE_NUMEL:
+        rows = max(1, CPU_REUSE_NUMEL // (grad.numel() // grad.shape[0]))
+        parts = zip(grad.split(rows), weight.split(rows), strict=True)
+    for grad_rows, weight_rows in parts:
+        weight_norms = unit_norms(weight_rows, ndim)
+        grad_norms = unit_norms(grad_rows, ndim)
+        coef = coefficient(grad_norms, weight_norms)
+        grad_rows.mul_(coef)
+        yield grad_norms, coef
 
 
 def _scale_units_stacked_(
@@ -249,7 +264,7 @@ def scale_units_(
         if 0 < grad.numel() * 4 <= stack_numel:
             stackable[grad.shape].append(i)
         else:
-            yield _scale_units_one_(grad, weights[i], coefficient)
+            yield from _scale_units_one_(grad, weights[i], coefficient)
     if not stackable:
         return
     buffer = torch.empty(stack_numel, dtype=grads[0].dtype, device=grads[0].device)
