@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gradclip_algo.distributed import Shards, local_shards
+from gradclip_algo.distributed import Shards, check_process_group, local_shards
 from gradclip_algo.nonfinite import NONFINITE_MODES, nonfinite_error, nonfinite_on_any_rank, zero_nonfinite_
 from gradclip_algo.parameters import Parameters, exclusion_filter, named_parameters, params_with_grads
 from gradclip_algo.rules import CLIPPING_TYPES, RULES
@@ -21,7 +21,14 @@ from gradclip_algo.spikes import (
 from gradclip_algo.stats import ClipStats
 from gradclip_algo.validation import check_bool, check_choice, check_known_options, check_positive_number
 
-COMMON_OPTIONS = ("exclude", "nonfinite", "error_if_nonfinite", "skip_spikes", "spike_window")
+COMMON_OPTIONS = (
+    "exclude",
+    "nonfinite",
+    "error_if_nonfinite",
+    "skip_spikes",
+    "spike_window",
+    "process_group",
+)
 
 
 class GradientClipper:
@@ -36,6 +43,10 @@ class GradientClipper:
     the mean of the last ``spike_window`` (default 128) norms by more than k standard deviations: every
     grad becomes ``None`` and ``ClipStats.skipped`` is ``True`` (see :mod:`gradclip_algo.spikes`; one host
     sync per step).
+
+    ``process_group`` (Python only; default ``None``): the group of ranks across which the model's
+    parameters are split into pipeline stages; norms, statistics and skip decisions are then global
+    across the stages (see :mod:`gradclip_algo.distributed`).
     """
 
     def __init__(self, clipping_type: str, clipping_threshold: float, **options: Any) -> None:
@@ -60,6 +71,7 @@ class GradientClipper:
         exclusion_filter(self.exclude)  # validates the patterns
         self.skip_spikes = check_spike_limit("skip_spikes", options.get("skip_spikes"))
         self.spike_window = check_spike_window("spike_window", options.get("spike_window", SPIKE_WINDOW))
+        self.process_group = check_process_group("process_group", options.get("process_group"))
         self.state: dict[str, Any] | None = None
         self.spike_state: dict[str, Any] | None = None
 
@@ -74,7 +86,7 @@ class GradientClipper:
         module = parameters if isinstance(parameters, nn.Module) else None
         everything = named_parameters(parameters, names=self.exclude is not None)
         named, grads = params_with_grads(everything, self.exclude, module)
-        shards = local_shards([param for _, param in named], module, grads)
+        shards = local_shards([param for _, param in named], module, grads, self.process_group)
         if not shards.grads and shards.group is None:  # a sharded rank without grads still joins reductions
             return ClipStats.empty()
         if self.nonfinite == "zero":
@@ -83,7 +95,7 @@ class GradientClipper:
             if self.nonfinite == "error":
                 if module is not None:
                     named, _ = params_with_grads(named_parameters(module), self.exclude)
-                raise nonfinite_error(named, shards.grads)
+                raise nonfinite_error(named, grads)
             return _skip_step(everything, shards.global_norm(self.rule_options.get("norm_type", 2.0)))
         if self.skip_spikes is not None:
             if self.spike_state is None:
