@@ -33,12 +33,8 @@ def init_adagc_state(
 
 
 def _whole_tensor_squares(shards: Shards) -> Tensor:
-    """``‖g_i‖²`` of each whole tensor: local sums, all-reduced for tensors split across ranks."""
-    squares = power_sums(shards.grads, 2.0, shards.device)
-    if shards.group is None or not any(shards.split):
-        return squares
-    split = torch.tensor(shards.split).to(shards.device, non_blocking=True)
-    return torch.where(split, shards.sum_over_ranks_(torch.where(split, squares, 0.0)), squares)
+    """``‖g_i‖²`` of each whole tensor: local sums, summed over the ranks that split each tensor."""
+    return shards.tensor_totals(power_sums(shards.grads, 2.0, shards.device))
 
 
 def _gamma(state: dict[str, Tensor], count: int) -> Tensor:
@@ -79,7 +75,7 @@ def adagc_clip(
     step = state["step"]
     squares = _whole_tensor_squares(shards)
     norms = squares.sqrt()
-    global_norm = squares.sum().sqrt()
+    global_norm = shards.total(squares, partial=False).sqrt()  # all pipeline stages
     warm = step < warmup_steps
     warm_coef = torch.where(global_norm > max_norm, max_norm / (global_norm + NORM_EPS), 1.0)
     cap = relative_threshold * gamma
@@ -99,6 +95,7 @@ def adagc_clip(
     step.add_(finite.to(step.dtype))
     return ClipStats(
         grad_norm=global_norm,
-        clipped_grad_norm=clipped_norms.square().sum().sqrt(),
-        clipped_fraction=(coef < 1.0).to(torch.float32).mean(),
+        clipped_grad_norm=shards.total(clipped_norms.square(), partial=False).sqrt(),
+        clipped_fraction=shards.total((coef < 1.0).to(torch.float32), partial=False)
+        / shards.total(torch.ones_like(coef), partial=False),
     )

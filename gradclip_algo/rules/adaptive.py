@@ -14,7 +14,7 @@ from gradclip_algo.stats import ClipStats
 
 AGC_EPS = 1e-3  # the paper's floor on the weight norm
 
-UnitStats = tuple[Tensor, bool]  # [Σ‖G_u‖², Σ‖G_u·c_u‖², #clipped, #units] in fp32; this rank's share?
+UnitStats = tuple[Tensor, int]  # [Σ‖G_u‖², Σ‖G_u·c_u‖², #clipped, #units] in fp32; Shards reduction id
 
 
 def agc_coefficients(grad_norms: Tensor, weight_norms: Tensor, clipping: float, eps: float) -> Tensor:
@@ -133,15 +133,17 @@ def _clip_same_shape_(
 
 
 def _clip_spread_(shards: Shards, indices: list[int], clipping: float, eps: float) -> list[UnitStats]:
-    """Clip 0-D/1-D tensors sharded over ranks (one unit each); their norms are all-reduced in one call."""
+    """Clip tensors whose units are split across ranks (sharded 0-D/1-D tensors, column-sharded weights):
+    their local unit sums of squares are summed over the ranks that split them, all in one call."""
     local = [t for i in indices for t in (shards.grads[i], shards.params[i])]
-    squares = torch.stack([unit_norms(t).square().to(shards.device, torch.float32) for t in local])
-    norms = shards.sum_over_ranks_(squares).sqrt().view(-1, 2)
+    squares = [unit_norms(t).to(shards.device, torch.float32).square() for t in local]
+    norms = [s.sqrt_() for s in shards.unit_totals_([i for i in indices for _ in (0, 1)], squares)]
     results = []
-    for i, (grad_norm, weight_norm) in zip(indices, norms, strict=True):
+    for k, i in enumerate(indices):
+        grad_norm, weight_norm = norms[2 * k], norms[2 * k + 1]
         coef = agc_coefficients(grad_norm, weight_norm, clipping, eps)
         shards.grads[i].mul_(coef.to(shards.grads[i].device))
-        results.append((_unit_stats(grad_norm.view(1), coef.view(1)), False))
+        results.append((_unit_stats(grad_norm, coef), shards.unit_reduction[i]))
     return results
 
 
@@ -161,7 +163,7 @@ def adaptive_clip_grad(shards: Shards, clipping: float, eps: float = AGC_EPS) ->
         )
     spread = [i for i, whole in enumerate(shards.units_whole) if not whole]
     results = _clip_spread_(shards, spread, clipping, eps) if spread else []
-    grads, weights, split, whole = shards.grads, shards.params, shards.split, shards.units_whole
+    grads, weights, split, whole = shards.grads, shards.params, shards.reduction, shards.units_whole
     shapes = [grad.shape for grad in grads]
     numel = sum(shape.numel() for shape in shapes)
     # two thirds of the memory for stacking small tensors, one third for the per-unit statistics held
@@ -169,7 +171,7 @@ def adaptive_clip_grad(shards: Shards, clipping: float, eps: float = AGC_EPS) ->
     size = block_size(shards.device, numel, buffers=1.5)
     held_units = block_size(shards.device, numel, buffers=3) // 4
     for (device, dtype), group in group_by_device_and_dtype(grads).items():
-        stats = {is_split: _UnitStatsSum(held_units) for is_split in (False, True)}
+        stats = {way: _UnitStatsSum(held_units) for way in set(split)}
         block = reuse_block_size(device)
         stackable: dict[tuple, list[int]] = defaultdict(list)
         for i in group:

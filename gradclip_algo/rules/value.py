@@ -94,8 +94,8 @@ def clip_grad_value(shards: Shards, clip_value: float) -> ClipStats:
     """
     device = shards.device
     parts, partial = [], []
-    for is_split in (True, False):
-        chosen = [g for g, split in zip(shards.grads, shards.split, strict=True) if split == is_split]
+    for is_split in sorted(set(shards.reduction)):
+        chosen = [g for g, split in zip(shards.grads, shards.reduction, strict=True) if split == is_split]
         for indices in group_by_device_and_dtype(chosen).values():
             parts.append(_clamp_with_stats([chosen[i] for i in indices], clip_value, device))
             partial.append(is_split)
