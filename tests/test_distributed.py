@@ -14,7 +14,7 @@ import pytest
 import torch
 from distributed_worker import CASES, FOUR_RANKS, LIMITS, run_cases
 
-from gradclip_algo import apply_gradient_clipping
+from gradclip_algo import GradientClipper, apply_gradient_clipping
 
 COMPOSER_MODULE = "distributed_composer_cases"
 if importlib.util.find_spec("composer") is not None:
@@ -84,3 +84,22 @@ def test_inf_norm_of_an_empty_shard() -> None:
     stats = apply_gradient_clipping([empty, full], "norm", 1.0, norm_type=math.inf)
     assert stats.grad_norm.item() == 4.0
     torch.testing.assert_close(full.grad, torch.tensor([0.75, -1.0]))
+
+
+def test_process_group_must_be_a_group() -> None:
+    """``process_group`` takes a torch.distributed ProcessGroup (from Python) or None; a name is refused."""
+    assert GradientClipper("norm", 1.0, process_group=None).process_group is None
+    with pytest.raises(ValueError, match=r"process_group: expected a torch\.distributed ProcessGroup") as err:
+        GradientClipper("norm", 1.0, process_group="pp")
+    assert "a YAML file cannot hold a process group: pass process_group= from Python" in str(err.value)
+
+
+@pytest.mark.composer
+def test_process_group_from_yaml_is_refused() -> None:
+    """The YAML block names ``process_group`` as a key, but cannot hold a group: the error says so."""
+    from gradclip_algo.config import build_algorithms
+
+    block = {"gradient_clipping": {"clipping_type": "norm", "clipping_threshold": 1.0, "process_group": "pp"}}
+    with pytest.raises(ValueError, match=r"algorithms\.gradient_clipping: process_group: expected a torch"):
+        build_algorithms(block)
+    assert build_algorithms({"gradient_clipping": {**block["gradient_clipping"], "process_group": None}})
