@@ -183,11 +183,13 @@ class Shards:
         return sums
 
     def _max_everywhere_(self, value: Tensor) -> Tensor:
-        for group, _ in self._groups:
-            dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
-        if self.stages is not None:
-            dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.stages)
-        return value
+        """The max over every rank of the stage and every stage; a NaN on any rank gives NaN everywhere
+        (a MAX all-reduce may drop NaNs, so they travel as a flag beside the value)."""
+        nan = value.isnan()
+        packed = torch.stack([torch.where(nan, 0.0, value), nan.to(value.dtype)])
+        for group in [group for group, _ in self._groups] + [self.stages] * (self.stages is not None):
+            dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=group)
+        return torch.where(packed[1] > 0, math.nan, packed[0])
 
     def total(self, values: Tensor, maximum: bool = False, partial: Partial = None) -> Tensor:
         """The model-wide sum (or max) of local values, the same on every rank.

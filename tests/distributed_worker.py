@@ -489,7 +489,7 @@ SETTINGS: dict[str, tuple[str, float, dict[str, Any]]] = {
     "skip-spikes": ("norm", 10.0, {"skip_spikes": 2.0, "spike_window": 4}),
 }
 STEP_SCALES = (1.0, 1.5, 30.0)  # the loss scale of each step: the last one is a spike
-NONFINITE_MODES = ("propagate", "zero", "skip", "error")
+NONFINITE_MODES = ("propagate", "propagate-inf-norm", "zero", "skip", "error")
 FOUR_RANKS: set[str] = set()
 """The cases that run on 4 ranks (2x2 meshes); the others run on 2."""
 LIMITS: dict[str, str] = {}
@@ -619,9 +619,9 @@ def compare_state(
 def check_types(
     make: Callable[[int], Setup], rank: int, skip: tuple[str, ...] = (), nonfinite: bool = True
 ) -> None:
-    """Every clipping type, over the steps of ``STEP_SCALES`` (statistics carry over), then every
-    non-finite mode (``nonfinite``: for set-ups where a grad is split), each against float64 clipping of
-    the gathered whole grads of the whole model."""
+    """Every clipping type, over the steps of ``STEP_SCALES`` (the first only for a stateless type;
+    statistics carry over), then every non-finite mode (``nonfinite``: for set-ups where a grad is
+    split), each against float64 clipping of the gathered whole grads of the whole model."""
     setup = make(rank)
     weights = model_whole(setup, "weight")  # clipping leaves them as they are
     findings = Findings()
@@ -631,7 +631,7 @@ def check_types(
         clipper = GradientClipper(clipping_type, threshold, **options, **setup.options)
         reference = GradientClipper(clipping_type, threshold, **options)
         bites = []
-        for step, scale in enumerate(STEP_SCALES):
+        for step, scale in enumerate(STEP_SCALES if clipper.stateful else STEP_SCALES[:1]):
             setup.backward(step, scale)
             model = float64_model(model_whole(setup, "grad"), weights)
             want = reference(model)
@@ -687,7 +687,11 @@ def check_nonfinite(
     setup.backward(0, 1.0)
     name = poison_one_shard(setup, rank)
     model = float64_model(model_whole(setup, "grad"), weights)
-    clipper = GradientClipper("norm", 0.1, nonfinite=mode, **setup.options)
+    mode, options = (
+        mode.removesuffix("-inf-norm"),
+        {"norm_type": math.inf} if mode.endswith("-inf-norm") else {},
+    )
+    clipper = GradientClipper("norm", 0.1, nonfinite=mode, **options, **setup.options)
     if mode == "error":
         messages, names = nonfinite_errors_on_every_rank(lambda: clipper(setup.target))
         findings.check(
@@ -695,7 +699,7 @@ def check_nonfinite(
         )
         findings.check(names == [name] * len(names), f"error: named {names}, poisoned {name}")
         return
-    want = GradientClipper("norm", 0.1, nonfinite=mode)(model)
+    want = GradientClipper("norm", 0.1, nonfinite=mode, **options)(model)
     got = clipper(setup.target)
     compare_step(findings, f"nonfinite={mode}", setup, got, want, model)
 
