@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gradclip_algo.distributed import Shards, local_shards
+from gradclip_algo.distributed import Shards, check_process_group, local_shards
 from gradclip_algo.nonfinite import NONFINITE_MODES, nonfinite_error, on_any_rank, zero_nonfinite_
 from gradclip_algo.norm_history import check_history
 from gradclip_algo.parameters import Exclusion, Named, Parameters, collect, with_grads
@@ -38,7 +38,14 @@ from gradclip_algo.validation import (
     check_positive_number,
 )
 
-COMMON_OPTIONS = ("exclude", "nonfinite", "error_if_nonfinite", "skip_spikes", "spike_window")
+COMMON_OPTIONS = (
+    "exclude",
+    "nonfinite",
+    "error_if_nonfinite",
+    "skip_spikes",
+    "spike_window",
+    "process_group",
+)
 
 
 class GradientClipper:
@@ -53,6 +60,10 @@ class GradientClipper:
     the mean of the last ``spike_window`` (default 128) norms by more than k standard deviations: every
     grad becomes ``None`` and ``ClipStats.skipped`` is ``True`` (see :mod:`gradclip_algo.spikes`; one host
     sync per step).
+
+    ``process_group`` (Python only; default ``None``): the group of ranks across which the model's
+    parameters are split into pipeline stages; norms, statistics and skip decisions are then global
+    across the stages (see :mod:`gradclip_algo.distributed`).
 
     Warnings, once per clipper: an ``exclude`` glob that matches no parameter name, and a call whose
     tensors neither have a grad nor require one (gradients passed in place of parameters).
@@ -84,6 +95,7 @@ class GradientClipper:
             )
         # at least 4 norms, so that half a window has the 2 a standard deviation needs
         self.spike_window = check_int("spike_window", options.get("spike_window", SPIKE_WINDOW), 4)
+        self.process_group = check_process_group("process_group", options.get("process_group"))
         self.stateful = self.rule.update is not None or self.skip_spikes is not None
         """Whether the clipper keeps statistics from call to call (a stateful rule, or spike skipping)."""
         self.state: State | None = None
@@ -103,7 +115,7 @@ class GradientClipper:
         selected, grads = with_grads(everything, self.exclusion, module)
         if not self._warned and (self.exclusion is not None or not selected):
             self._warn_about(everything, selected)
-        shards = local_shards([item.param for item in selected], module, grads)
+        shards = local_shards([item.param for item in selected], module, grads, self.process_group)
         if not shards.grads and shards.group is None:  # a sharded rank without grads still joins reductions
             return ClipStats.empty()
         if self.nonfinite == "zero":
@@ -112,7 +124,7 @@ class GradientClipper:
             norm = shards.global_norm(self.options.stats_norm_type)
             if on_any_rank(~torch.isfinite(norm)):  # the host sync these modes need
                 if self.nonfinite == "error":
-                    raise self._nonfinite_error(selected, module, shards, norm)
+                    raise self._nonfinite_error(selected, grads, module, norm)
                 return _skip_step(everything, norm)
         if self.skip_spikes is not None:
             if self.spike_state is None:
@@ -157,12 +169,12 @@ class GradientClipper:
             self._warned = True
 
     def _nonfinite_error(
-        self, selected: list[Named], module: nn.Module | None, shards: Shards, norm: Tensor
+        self, selected: list[Named], grads: list[Tensor], module: nn.Module | None, norm: Tensor
     ) -> Exception:
         if module is not None and self.exclusion is None:  # names were not built on the fast path
-            selected, _ = with_grads(collect(module), None)
+            selected, grads = with_grads(collect(module), None)
         pairs = [(item.names[0] if item.names else None, item.param) for item in selected]
-        return nonfinite_error(pairs, shards.grads, norm)
+        return nonfinite_error(pairs, grads, norm)
 
     def state_dict(self) -> dict[str, Any]:
         """``rule``: the rule's statistics, ``spikes``: the spike window; each present once it exists.

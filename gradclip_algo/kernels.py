@@ -297,7 +297,8 @@ def count_beyond(tensors: list[Tensor], limit: float) -> Tensor:
         torch._foreach_sub_(temps, limit)
         torch._foreach_clamp_min_(temps, 0.0)
         torch._foreach_sign_(temps)
-        found = torch.stack(torch._foreach_norm(temps, 1.0, dtype=torch.float32)).nan_to_num_(0.0)
+        accumulate = accumulation_dtype(temps[0].dtype)
+        found = torch.stack(torch._foreach_norm(temps, 1.0, dtype=accumulate)).nan_to_num_(0.0)
         for i, count in zip(group, found.to(torch.int64).unbind(), strict=True):
             counts[i] = count
 

@@ -20,11 +20,13 @@ from composer.utils import dist as composer_dist
 from distributed_worker import (
     CASES,
     GLOBAL_BATCH,
+    STAGES,
     WORLD_SIZE,
     Case,
     assert_close_by_name,
     backward,
     case,
+    float64_model,
     full_grads,
     gather,
     global_batch,
@@ -231,6 +233,39 @@ def check_engine_refuses_adaptive_under_fsdp1(rank: int) -> None:
     else:
         message = ""
     assert "clipping_type='adaptive' under FSDP1" in message and "use FSDP2 (fully_shard)" in message
+
+
+@case("engine-pipeline-2-stages-norm", COMPOSER_CASES)
+def check_engine_pipeline(rank: int) -> None:
+    """``GradientClipping(..., process_group=...)`` through Composer's Engine on 2 pipeline stages, one per
+    rank, each holding the grads of its own stage only: both log the whole model's norm, and each stage's
+    clipped grads equal float64 clipping of the whole model's grads on one process."""
+    model = ComposerClassifier(make_net(), num_classes=3)
+    state = State(model=model, rank_zero_seed=0, run_name="pipeline", device=DeviceCPU())
+    state.set_dataloader(rank_loader(1), "train")
+    state.max_duration = "1ba"
+    in_memory = InMemoryLogger()
+    logger = Logger(state, [in_memory])
+    in_memory.init(state, logger)
+    state.algorithms = [GradientClipping("norm", 0.1, process_group=dist.group.WORLD)]
+    backward(model.module, *global_batch(0))  # the whole batch on both ranks: the grads a schedule gives
+    named = dict(model.module.named_parameters())
+    reference = float64_model(
+        {name: p.grad for name, p in named.items()}, {name: p.detach() for name, p in named.items()}
+    )
+    want_stats = GradientClipper("norm", 0.1)(reference)
+    for name, param in named.items():
+        if name.split(".")[0] not in STAGES[rank]:
+            param.grad = None  # the other stage's
+    Engine(state, logger).run_event(Event.AFTER_TRAIN_BATCH)
+    norms = gather(torch.tensor(logged(in_memory, "grad_norm")))
+
+    assert all(torch.equal(n, norms[0]) for n in norms), f"stages logged different norms: {norms}"
+    assert want_stats.clipped_fraction == 1, "the reference must clip"
+    torch.testing.assert_close(norms[0], want_stats.grad_norm.float().reshape(1), rtol=1e-5, atol=0)
+    for name, param in reference:
+        if name.split(".")[0] in STAGES[rank]:
+            torch.testing.assert_close(named[name].grad, param.grad.float(), rtol=1e-5, atol=1e-8)
 
 
 COMPOSER_CASES["engine-fsdp1-orig-norm"] = partial(check_engine, "fsdp1-orig", "norm", 0.1)

@@ -1,7 +1,8 @@
-"""DDP, FSDP1 and FSDP2 on 2 CPU ranks (gloo), against a single-process reference on the same global batch.
+"""DDP, FSDP1, FSDP2, TP, pipeline stages on 2 CPU ranks (gloo), and FSDP2 + TP, HSDP and pipeline x FSDP2
+on 2x2 meshes on 4 ranks, each against a single-process reference.
 
-All cases run in one spawn of 2 ranks (tests/distributed_worker.py; the Composer ones in
-tests/distributed_composer_cases.py); each test reports one case's outcome on both ranks.
+The 2-rank cases run in one spawn of 2 ranks, the 4-rank ones in one spawn of 4 (tests/distributed_worker.py;
+the Composer ones in tests/distributed_composer_cases.py); each test reports one case's outcome on every rank.
 """
 
 from __future__ import annotations
@@ -11,27 +12,44 @@ import math
 
 import pytest
 import torch
-from distributed_worker import CASES, run_cases
+from distributed_worker import CASES, FOUR_RANKS, LIMITS, run_cases
 
-from gradclip_algo import apply_gradient_clipping
+from gradclip_algo import GradientClipper, apply_gradient_clipping
 
 COMPOSER_MODULE = "distributed_composer_cases"
 if importlib.util.find_spec("composer") is not None:
     from distributed_composer_cases import COMPOSER_CASES
 else:
     COMPOSER_CASES = {}
-TORCH_CASES = [case for case in CASES if case not in COMPOSER_CASES]
+TORCH_CASES = [case for case in CASES if case not in COMPOSER_CASES and case not in FOUR_RANKS]
 
 
-@pytest.fixture(scope="module")
-def outcomes(request: pytest.FixtureRequest) -> dict[str, list[str | None]]:
-    """Run the selected cases (only those), all in one spawn."""
+def selected_cases(request: pytest.FixtureRequest, world: set[str] | None) -> list[str]:
+    """The selected cases (only those) of one world size (``None``: 2 ranks), less those torch blocks."""
     specs = [
         getattr(item, "callspec", None) for item in request.session.items if item.module is request.module
     ]
     # an empty parametrisation (no Composer) leaves a placeholder that is not a case name
-    selected = [spec.params["case"] for spec in specs if spec and isinstance(spec.params.get("case"), str)]
-    return run_cases(selected, COMPOSER_MODULE if COMPOSER_CASES else None)
+    names = [spec.params["case"] for spec in specs if spec and isinstance(spec.params.get("case"), str)]
+    return [
+        name
+        for name in names
+        if name not in LIMITS and ((name in FOUR_RANKS) if world is not None else name not in FOUR_RANKS)
+    ]
+
+
+@pytest.fixture(scope="module")
+def outcomes(request: pytest.FixtureRequest) -> dict[str, list[str | None]]:
+    """Run the selected 2-rank cases, all in one spawn."""
+    selected = selected_cases(request, None)
+    return run_cases(selected, COMPOSER_MODULE if COMPOSER_CASES else None) if selected else {}
+
+
+@pytest.fixture(scope="module")
+def outcomes_on_four(request: pytest.FixtureRequest) -> dict[str, list[str | None]]:
+    """Run the selected 4-rank cases (2x2 meshes), all in one spawn."""
+    selected = selected_cases(request, FOUR_RANKS)
+    return run_cases(selected, world_size=4) if selected else {}
 
 
 def assert_passed_on_every_rank(outcomes: dict[str, list[str | None]], case: str) -> None:
@@ -43,6 +61,13 @@ def assert_passed_on_every_rank(outcomes: dict[str, list[str | None]], case: str
 @pytest.mark.parametrize("case", TORCH_CASES)
 def test_two_ranks(outcomes: dict[str, list[str | None]], case: str) -> None:
     assert_passed_on_every_rank(outcomes, case)
+
+
+@pytest.mark.parametrize("case", sorted(FOUR_RANKS))
+def test_four_ranks(case: str, request: pytest.FixtureRequest) -> None:
+    if case in LIMITS:
+        pytest.skip(LIMITS[case])
+    assert_passed_on_every_rank(request.getfixturevalue("outcomes_on_four"), case)
 
 
 @pytest.mark.composer
@@ -59,3 +84,22 @@ def test_inf_norm_of_an_empty_shard() -> None:
     stats = apply_gradient_clipping([empty, full], "norm", 1.0, norm_type=math.inf)
     assert stats.grad_norm.item() == 4.0
     torch.testing.assert_close(full.grad, torch.tensor([0.75, -1.0]))
+
+
+def test_process_group_must_be_a_group() -> None:
+    """``process_group`` takes a torch.distributed ProcessGroup (from Python) or None; a name is refused."""
+    assert GradientClipper("norm", 1.0, process_group=None).process_group is None
+    with pytest.raises(ValueError, match=r"process_group: expected a torch\.distributed ProcessGroup") as err:
+        GradientClipper("norm", 1.0, process_group="pp")
+    assert "a YAML file cannot hold a process group: pass process_group= from Python" in str(err.value)
+
+
+@pytest.mark.composer
+def test_process_group_from_yaml_is_refused() -> None:
+    """The YAML block names ``process_group`` as a key, but cannot hold a group: the error says so."""
+    from gradclip_algo.config import build_algorithms
+
+    block = {"gradient_clipping": {"clipping_type": "norm", "clipping_threshold": 1.0, "process_group": "pp"}}
+    with pytest.raises(ValueError, match=r"algorithms\.gradient_clipping: process_group: expected a torch"):
+        build_algorithms(block)
+    assert build_algorithms({"gradient_clipping": {**block["gradient_clipping"], "process_group": None}})

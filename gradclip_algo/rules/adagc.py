@@ -95,9 +95,11 @@ def update(shards: Shards, max_norm: float, options: AdaGCOptions, state: dict[s
     finite = torch.isfinite(global_norm)
     gamma.copy_(torch.where(finite, updated, gamma))
     step.add_(finite.to(step.dtype))
-    clipped = torch.where(warm, global_norm > max_norm, norms > cap)
+    clipped = torch.where(warm, global_norm > max_norm, norms > cap).to(torch.float32)
+    # per-tensor values are whole on every rank of a stage: counted once, summed over pipeline stages
     return ClipStats(
         grad_norm=global_norm,
-        clipped_grad_norm=clipped_norms.square().sum().sqrt(),
-        clipped_fraction=clipped.to(torch.float32).mean(),
+        clipped_grad_norm=shards.total(clipped_norms.square(), partial=False).sqrt(),
+        clipped_fraction=shards.total(clipped, partial=False)
+        / shards.total(torch.ones_like(clipped), partial=False),
     )

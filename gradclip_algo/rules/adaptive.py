@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
 from functools import partial
 
@@ -89,32 +90,47 @@ def adaptive_clip(shards: Shards, clipping: float, options: AdaptiveOptions) -> 
     coefficient = partial(agc_coefficients, clipping=clipping, eps=options.eps)
     whole = [i for i, units_whole in enumerate(shards.units_whole) if units_whole]
     held = max(1, sum(shards.grads[i].numel() for i in whole) // (kernels.MEMORY_SHARE * 4))
-    sums = {is_split: _UnitStatsSum(held) for is_split in (False, True)}
-    for i, units_whole in enumerate(shards.units_whole):
-        if not units_whole:
-            sums[False].add(*_clip_spread_unit_(shards, i, coefficient))  # its norms are global already
+    # unit statistics summed per way the tensors are split (Shards.reduction; 0: whole on this rank)
+    sums: dict[int, _UnitStatsSum] = defaultdict(lambda: _UnitStatsSum(held))
+    spread = [i for i, units_whole in enumerate(shards.units_whole) if not units_whole]
+    if spread:
+        for i, (grad_norms, coef) in zip(
+            spread, _clip_spread_units_(shards, spread, coefficient), strict=True
+        ):
+            sums[shards.unit_reduction[i]].add(grad_norms, coef)
     for indices in group_by_device_and_dtype([shards.grads[i] for i in whole]).values():
         chosen = [whole[j] for j in indices]
-        for is_split in (False, True):
-            part = [i for i in chosen if shards.split[i] == is_split]
-            if part:
-                grads, weights = [shards.grads[i] for i in part], [shards.params[i] for i in part]
-                for grad_norms, coef in kernels.scale_units_(grads, weights, coefficient):
-                    sums[is_split].add(grad_norms, coef)
-    local = torch.stack([sums[False].total(shards.device), sums[True].total(shards.device)])
-    before, after, clipped, units = (
-        shards.total(column, partial=[False, True]) for column in local.unbind(1)
+        for way in sorted({shards.reduction[i] for i in chosen}):
+            part = [i for i in chosen if shards.reduction[i] == way]
+            grads, weights = [shards.grads[i] for i in part], [shards.params[i] for i in part]
+            for grad_norms, coef in kernels.scale_units_(grads, weights, coefficient):
+                sums[way].add(grad_norms, coef)
+    ways = sorted(sums)
+    local = (
+        torch.stack([sums[way].total(shards.device) for way in ways])
+        if ways
+        else torch.zeros(0, 4, device=shards.device)
     )
+    before, after, clipped, units = shards.total(local, partial=ways).unbind()
     return ClipStats(before.sqrt(), after.sqrt(), clipped / units.clamp(min=1))
 
 
-def _clip_spread_unit_(
-    shards: Shards, index: int, coefficient: kernels.UnitCoefficient
-) -> tuple[Tensor, Tensor]:
-    """Clip tensor ``index`` whose units are spread over ranks: its unit norms are summed across them."""
-    grad, weight = shards.grads[index], shards.params[index]
-    squares = torch.stack([kernels.unit_norms(t).square().to(torch.float32) for t in (grad, weight)])
-    grad_norms, weight_norms = shards.unit_totals_(index, squares).sqrt().unbind()
-    coef = coefficient(grad_norms, weight_norms)
-    grad.mul_(coef.to(grad.device, grad.dtype))
-    return grad_norms, coef
+def _clip_spread_units_(
+    shards: Shards, indices: list[int], coefficient: kernels.UnitCoefficient
+) -> list[tuple[Tensor, Tensor]]:
+    """Clip the tensors whose units are split across ranks (sharded 0-D/1-D tensors, column-sharded
+    weights): their local unit sums of squares are summed over those ranks, all in one call; returns
+    ``(‖G_u‖, c_u)`` per tensor."""
+    squares = [
+        kernels.unit_norms(t).to(shards.device, torch.float32).square()
+        for i in indices
+        for t in (shards.grads[i], shards.params[i])
+    ]
+    norms = [s.sqrt_() for s in shards.unit_totals_([i for i in indices for _ in (0, 1)], squares)]
+    results = []
+    for k, i in enumerate(indices):
+        grad_norms, weight_norms = norms[2 * k], norms[2 * k + 1]
+        coef = coefficient(grad_norms, weight_norms)
+        shards.grads[i].mul_(coef.to(shards.grads[i].device, shards.grads[i].dtype))
+        results.append((grad_norms, coef))
+    return results

@@ -40,8 +40,12 @@ def clip_by_norm(shards: Shards, max_norm: float, options: NormOptions) -> ClipS
 
 def clip_to_norm_(grads: list[Tensor], norm: Tensor, threshold: float | Tensor) -> ClipStats:
     """Scale ``grads`` by :func:`~gradclip_algo.clip_coefficient` of their total ``norm`` and ``threshold``
-    (a number, or a 0-d tensor that a statistics-driven rule computed on the device); the step counts as
-    clipped where ``norm > threshold``."""
+    (a number, or a 0-d tensor that a statistics-driven rule computed on the device).
+
+    The step counts as clipped where ``norm > threshold``, compared in the threshold's precision: a
+    statistics-driven threshold is float32 and may be this very norm, rounded to float32.
+    """
     coef = clip_coefficient(norm, threshold)
     scale_grads_(grads, coef)
-    return ClipStats(norm, norm * coef, (norm > threshold).to(torch.float32))
+    compared = norm.to(threshold.dtype) if isinstance(threshold, Tensor) else norm
+    return ClipStats(norm, norm * coef, (compared > threshold).to(torch.float32))

@@ -57,4 +57,4 @@ def update(shards: Shards, max_norm: float, options: QuantileOptions, state: dic
     percentile_norm = torch.nanquantile(state["norms"], options.percentile / 100.0)
     # NaN while no finite norm was ever recorded: then only the ceiling applies
     threshold = torch.nan_to_num(percentile_norm, nan=float("inf")).clamp(max=max_norm)
-    return clip_to_norm_(shards.grads, norm, threshold.to(norm.dtype))
+    return clip_to_norm_(shards.grads, norm, threshold)

@@ -72,7 +72,7 @@ def update(shards: Shards, max_norm: float, options: ZScoreOptions, state: dict[
     outlier = ~warm & (z > z_threshold)
     adaptive = mean + z_threshold**2 * std / z
     threshold = torch.where(outlier, adaptive, float("inf")).clamp(max=max_norm)
-    stats = clip_to_norm_(shards.grads, norm, threshold.to(norm.dtype))
+    stats = clip_to_norm_(shards.grads, norm, threshold)
 
     seen = (step + 1).to(torch.float32)
     warm_mean = mean + (n - mean) / seen
