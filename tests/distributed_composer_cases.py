@@ -40,7 +40,7 @@ from distributed_worker import (
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from gradclip_algo import GradientClipper, GradientClipping
+from gradclip_algo import GradClipAlgo, GradientClipper
 from gradclip_algo.distributed import local_shards
 
 STEPS = 4
@@ -86,9 +86,7 @@ class Snapshots(Callback):
         self.taken.append(snapshot(state.model, state.optimizers[0]))
 
 
-def fit(
-    algorithm: GradientClipping, optimizer: str, callbacks: list[Callback]
-) -> tuple[Trainer, InMemoryLogger]:
+def fit(algorithm: GradClipAlgo, optimizer: str, callbacks: list[Callback]) -> tuple[Trainer, InMemoryLogger]:
     """``STEPS`` batches of DDP training on 2 CPU ranks through Composer's ``Trainer``."""
     model = ComposerClassifier(make_net(), num_classes=3)
     optimizers = (
@@ -117,7 +115,7 @@ def fit(
 def check_trainer_ddp(rank: int) -> None:
     """Every rank ends with the same weights; the logged norms are equal on both ranks and equal to those
     of a single-process run on the global batches."""
-    trainer, in_memory = fit(GradientClipping("norm", 0.1), "sgd", [])
+    trainer, in_memory = fit(GradClipAlgo("norm", 0.1), "sgd", [])
     with_grads = [p for p in trainer.state.model.parameters() if p.grad is not None]
     layout = local_shards(with_grads, trainer.state.model).layout
     final = weights(trainer.state.model)
@@ -148,7 +146,7 @@ def check_trainer_skip(rank: int) -> None:
     skipped = (1, 3)
     snapshots = Snapshots()
     trainer, in_memory = fit(
-        GradientClipping("norm", 0.1, nonfinite="skip"), "adam", [Poison(skipped), snapshots]
+        GradClipAlgo("norm", 0.1, nonfinite="skip"), "adam", [Poison(skipped), snapshots]
     )
     final = weights(trainer.state.model)
     everyone = gather(final)
@@ -171,7 +169,7 @@ def check_trainer_skip(rank: int) -> None:
 def check_trainer_error(rank: int) -> None:
     """NaN on rank 1 only at batch 3: both ranks stop with the same error, naming batch, parameter, rank."""
     messages, names = nonfinite_errors_on_every_rank(
-        lambda: fit(GradientClipping("norm", 0.1, nonfinite="error"), "sgd", [Poison((3,))])
+        lambda: fit(GradClipAlgo("norm", 0.1, nonfinite="error"), "sgd", [Poison((3,))])
     )
 
     message = "batch 3: non-finite gradient (inf or NaN) in module.embed.weight on rank 1"
@@ -204,7 +202,7 @@ def check_engine(layout: str, clipping_type: str, threshold: float, rank: int) -
     single-process reference does and logs the global norm; Shards' layout matches fsdp_config_version."""
     want, want_stats, initial, _ = reference_clip(clipping_type, threshold)
     state, logger, in_memory = engine_state(layout)
-    state.algorithms = [GradientClipping(clipping_type, threshold)]
+    state.algorithms = [GradClipAlgo(clipping_type, threshold)]
     rank_backward(layout, state.model.module, 0, rank)
     Engine(state, logger).run_event(Event.AFTER_TRAIN_BATCH)
     layout_found = local_shards(
@@ -222,7 +220,7 @@ def check_engine(layout: str, clipping_type: str, threshold: float, rank: int) -
 def check_engine_refuses_adaptive_under_fsdp1(rank: int) -> None:
     """Through the Engine too, AGC under FSDP1 raises the error that names FSDP2 and DDP."""
     state, logger, _ = engine_state("fsdp1-orig")
-    state.algorithms = [GradientClipping("adaptive", 0.02)]
+    state.algorithms = [GradClipAlgo("adaptive", 0.02)]
     rank_backward("fsdp1-orig", state.model.module, 0, rank)
     try:
         Engine(state, logger).run_event(Event.AFTER_TRAIN_BATCH)
