@@ -95,7 +95,8 @@ def _output_folder(out: Path | None, force: bool, run_folder: str, run_name: str
 def main(argv: Sequence[str] | None = None) -> int:
     """Calibrate; a bad config, argument or path exits with status 2 and one line, before any training."""
     args = parser().parse_intermixed_args(argv)
-    try:  # Composer first: the message then names the extra most users lack
+    try:  # Composer first (sorted before yaml): the message then names the extra most users lack
+        import composer  # noqa: F401
         import yaml
 
         from gradclip_algo.train.calibration import (
