@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import venv
 from pathlib import Path
@@ -106,7 +107,11 @@ def torch_only_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     installed = run([python, "-m", "pip", "install", "-q", f"torch=={torch_version}"], root)
     if installed.returncode != 0:
         pytest.skip(f"cannot install torch=={torch_version} into a fresh venv: {installed.stderr[-500:]}")
-    built = run([python, "-m", "pip", "wheel", "-q", "--no-deps", "-w", root / "dist", REPO], root)
+    # a copy of the sources, so the build leaves nothing in the repository (and finds nothing stale there)
+    source = root / "source"
+    ignored = (".*", "build", "dist", "runs", "*.egg-info", "__pycache__")
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(*ignored))
+    built = run([python, "-m", "pip", "wheel", "-q", "--no-deps", "-w", root / "dist", source], root)
     assert built.returncode == 0, built.stderr
     (wheel,) = (root / "dist").glob("gradclip_algo-*.whl")
     assert run([python, "-m", "pip", "install", "-q", wheel], root).returncode == 0
