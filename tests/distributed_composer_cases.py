@@ -204,7 +204,10 @@ def check_engine(layout: str, clipping_type: str, threshold: float, rank: int) -
     state, logger, in_memory = engine_state(layout)
     state.algorithms = [GradClipAlgo(clipping_type, threshold)]
     rank_backward(layout, state.model.module, 0, rank)
-    Engine(state, logger).run_event(Event.AFTER_TRAIN_BATCH)
+    engine = Engine(state, logger)
+    engine.run_event(Event.AFTER_TRAIN_BATCH)  # clips
+    state.timestamp = state.timestamp.copy(batch=state.timestamp.batch.value + 1)  # the batch is counted
+    engine.run_event(Event.BATCH_END)  # logs (log_interval=1)
     layout_found = local_shards(
         [p for p in state.model.parameters() if p.grad is not None], state.model
     ).layout
