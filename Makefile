@@ -6,7 +6,11 @@ CORE_VENV := .venv-core
 # The newest torch on this machine, for the torch-only run of the core tests.
 CORE_TORCH ?= torch==2.13.0
 
-.PHONY: test test-core lint demo bench spikes clean
+# llm-foundry as its users run it (about 9 min and 7 GB the first time: it pins torch 2.7.0, mosaicml 0.32.1).
+LLMFOUNDRY_VENV := .venv-llmfoundry
+LLMFOUNDRY ?= llm-foundry==0.22.0
+
+.PHONY: test test-core lint demo bench spikes clean llmfoundry-check wheel-check
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -18,6 +22,13 @@ $(CORE_VENV)/.installed: pyproject.toml
 	test -x $(CORE_VENV)/bin/python || $(PYTHON) -m venv $(CORE_VENV)
 	$(CORE_VENV)/bin/pip install -q "$(CORE_TORCH)" "omegaconf>=2.3" "pytest>=8" "hypothesis>=6.100"
 	$(CORE_VENV)/bin/pip install -q --no-deps -e .
+	touch $@
+
+$(LLMFOUNDRY_VENV)/.installed: pyproject.toml
+	test -x $(LLMFOUNDRY_VENV)/bin/python || $(PYTHON) -m venv $(LLMFOUNDRY_VENV)
+	# protobuf<6 (what wandb<0.19 needs): without it pip backtracks through dozens of wandb releases
+	$(LLMFOUNDRY_VENV)/bin/pip install -q "$(LLMFOUNDRY)" "protobuf>=4.25.1,<6" "pytest>=8"
+	$(LLMFOUNDRY_VENV)/bin/pip install -q --no-deps -e .
 	touch $@
 
 lint: $(VENV)/.installed
@@ -42,5 +53,15 @@ bench: $(VENV)/.installed
 spikes: $(VENV)/.installed
 	$(VENV)/bin/python examples/spike_comparison.py
 
+# The algorithm through llm-foundry's registry, then a tiny MPT trained by llm-foundry's train entry point
+# with `algorithms: {gradclip_algo: ...}` (local data and tokenizer, CPU, fp32), its metrics checked.
+llmfoundry-check: $(LLMFOUNDRY_VENV)/.installed
+	$(LLMFOUNDRY_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_llmfoundry.py
+	HF_HUB_OFFLINE=1 $(LLMFOUNDRY_VENV)/bin/python scripts/llmfoundry_check.py
+
+# The wheel in a fresh torch-only venv (also part of `make test-core`).
+wheel-check: $(CORE_VENV)/.installed
+	$(CORE_VENV)/bin/python -m pytest -q -m wheel tests/test_wheel.py
+
 clean:
-	rm -rf $(VENV) $(CORE_VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(CORE_VENV) $(LLMFOUNDRY_VENV) runs .pytest_cache .ruff_cache build dist

@@ -198,7 +198,7 @@ How it is measured (`benchmarks/`):
   `torch.profiler.profile(profile_memory=True)` records (+bytes per allocation, -bytes per free, summed in
   time order); on CUDA from `torch.cuda.max_memory_allocated`.
 - Training-step overhead: one Composer `Trainer` per configuration (no clipping, Composer's
-  `GradientClipping`, `gradclip_algo.GradientClipping` logging every step and every 100 steps) trains the
+  `GradientClipping`, `gradclip_algo.GradClipAlgo` logging every step and every 100 steps) trains the
   same MLP on the same data; blocks of steps alternate between them (one warm-up block each); a step is
   timed from `BATCH_START` to `BATCH_END` (forward, backward, clipping, optimizer step). The step time is
   the median of the block medians; the overhead is the median over blocks of (block median - the block

@@ -15,7 +15,7 @@ from composer.models import ComposerClassifier
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from gradclip_algo import GradientClipping
+from gradclip_algo import GradClipAlgo
 
 FEATURES, HIDDEN, CLASSES, BATCH = 256, 1024, 10, 64
 THRESHOLD = 1.0
@@ -51,9 +51,9 @@ class StepTime:
 CONFIGURATIONS: dict[str, Callable[[], list[Algorithm]]] = {
     NO_CLIPPING: list,
     f"composer GradientClipping('norm', {THRESHOLD})": lambda: [ComposerGradientClipping("norm", THRESHOLD)],
-    f"gradclip_algo GradientClipping('norm', {THRESHOLD})": lambda: [GradientClipping("norm", THRESHOLD)],
-    f"gradclip_algo GradientClipping('norm', {THRESHOLD}, log_interval=100)": lambda: [
-        GradientClipping("norm", THRESHOLD, log_interval=100)
+    f"gradclip_algo GradClipAlgo('norm', {THRESHOLD})": lambda: [GradClipAlgo("norm", THRESHOLD)],
+    f"gradclip_algo GradClipAlgo('norm', {THRESHOLD}, log_interval=100)": lambda: [
+        GradClipAlgo("norm", THRESHOLD, log_interval=100)
     ],
 }
 """Each makes the algorithms of one ``Trainer``; gradclip_algo's logs every step unless told otherwise."""

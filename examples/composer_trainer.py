@@ -1,4 +1,4 @@
-"""A Composer ``Trainer`` with ``algorithms=[GradientClipping(...)]``, logging what clipping did.
+"""A Composer ``Trainer`` with ``algorithms=[GradClipAlgo(...)]``, logging what clipping did.
 
 python examples/composer_trainer.py [--steps N]
 """
@@ -12,7 +12,7 @@ from composer import Trainer
 from composer.loggers import InMemoryLogger
 from torch.utils.data import DataLoader
 
-from gradclip_algo import GradientClipping
+from gradclip_algo import GradClipAlgo
 from gradclip_algo.train.adding_problem import adding_problem
 from gradclip_algo.train.model import AddingProblemModel
 
@@ -21,7 +21,7 @@ def main(steps: int = 300, batch_size: int = 64) -> InMemoryLogger:
     """Train for ``steps`` with AGC on every layer but the readout; return the logged metrics."""
     torch.manual_seed(0)
     data = adding_problem(steps * batch_size, sequence_length=10, generator=torch.Generator().manual_seed(0))
-    clipping = GradientClipping("adaptive", 0.08, log_interval=max(1, steps // 5), exclude="net.readout.*")
+    clipping = GradClipAlgo("adaptive", 0.08, log_interval=max(1, steps // 5), exclude="net.readout.*")
     metrics = InMemoryLogger()
     model = AddingProblemModel(hidden_size=32, recurrent_init_gain=1.0)
     trainer = Trainer(

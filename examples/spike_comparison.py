@@ -23,11 +23,12 @@ from composer.core import Callback, Event, State
 from composer.loggers import Logger
 from matplotlib.figure import Figure
 
-from gradclip_algo.calibrate import measure, recommend
 from gradclip_algo.train.adding_problem import MEAN_PREDICTOR_MSE
+from gradclip_algo.train.calibration import measure, recommend
 from gradclip_algo.train.metrics import StepMetricsRecorder, StepRecord
 from gradclip_algo.train.run import build_parts, make_trainer
 from gradclip_algo.train.run_config import RunConfig, load_run_config
+from gradclip_algo.train.shipped import resolve_config
 
 DEFAULT_OVERRIDES = ("optimizer.lr=0.05", "max_duration=1500ba")
 
@@ -98,13 +99,13 @@ def settings(config: RunConfig, calibration_steps: int) -> dict[str, dict[str, A
     unbounded = {"clipping_threshold": math.inf}
     return {
         "none": {},
-        f"norm λ={norm.clipping_threshold:g}": {"gradient_clipping": fixed},
+        f"norm λ={norm.clipping_threshold:g}": {"gradclip_algo": fixed},
         f"norm λ={norm.clipping_threshold:g} + skip_spikes=6": {
-            "gradient_clipping": {**fixed, "skip_spikes": 6.0}
+            "gradclip_algo": {**fixed, "skip_spikes": 6.0}
         },
-        "quantile p10": {"gradient_clipping": {"clipping_type": "quantile", **unbounded}},
-        "zscore z2.5": {"gradient_clipping": {"clipping_type": "zscore", **unbounded}},
-        "adagc": {"gradient_clipping": {"clipping_type": "adagc", **unbounded}},
+        "quantile p10": {"gradclip_algo": {"clipping_type": "quantile", **unbounded}},
+        "zscore z2.5": {"gradclip_algo": {"clipping_type": "zscore", **unbounded}},
+        "adagc": {"gradclip_algo": {"clipping_type": "adagc", **unbounded}},
     }
 
 
@@ -142,7 +143,9 @@ def plot(outcomes: Sequence[Outcome], spike_step: int, path: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parse = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parse.add_argument("--config", default="configs/demo_unclipped.yaml", help="a gradclip-train run config")
+    parse.add_argument(
+        "--config", default="demo_unclipped", help="a gradclip-train run config (path or shipped name)"
+    )
     parse.add_argument("--spike-step", type=int, default=1000, help="optimizer step of the bad batch")
     parse.add_argument(
         "--factor", type=float, default=100.0, help="what the bad batch's targets are multiplied by"
@@ -153,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "overrides", nargs="*", help=f"config overrides, applied after {' '.join(DEFAULT_OVERRIDES)}"
     )
     args = parse.parse_intermixed_args(argv)
-    config = load_run_config(args.config, [*DEFAULT_OVERRIDES, *args.overrides])
+    config = load_run_config(resolve_config(args.config), [*DEFAULT_OVERRIDES, *args.overrides])
     bad_batch = BadBatch(args.spike_step, args.factor)
     outcomes = []
     with tempfile.TemporaryDirectory() as folder:

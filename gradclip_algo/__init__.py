@@ -1,7 +1,8 @@
 """Gradient clipping for PyTorch and MosaicML Composer.
 
-The functional core (this namespace) needs only torch. ``GradientClipping`` (a Composer ``Algorithm``)
-and ``build_algorithms`` import Composer and omegaconf when first accessed.
+The functional core (this namespace) needs only torch. ``GradClipAlgo`` (a Composer ``Algorithm``)
+and ``build_algorithms`` import Composer when first accessed (``pip install "gradclip_algo[composer]"``);
+``build_algorithms`` on a YAML file or preset name also needs omegaconf (``gradclip_algo[yaml]``).
 """
 
 from __future__ import annotations
@@ -17,15 +18,15 @@ from gradclip_algo.norms import clip_coefficient, clip_grads_with_norm_, get_tot
 from gradclip_algo.rules import CLIPPING_TYPES
 from gradclip_algo.stats import ClipStats
 
-_LAZY = {"GradientClipping": "gradclip_algo.algorithm", "build_algorithms": "gradclip_algo.config"}
+_LAZY = {"GradClipAlgo": "gradclip_algo.algorithm", "build_algorithms": "gradclip_algo.config"}
 
 __version__ = "0.1.0"
 __all__ = [
     "CLIPPING_TYPES",
     "NONFINITE_MODES",
     "ClipStats",
+    "GradClipAlgo",
     "GradientClipper",
-    "GradientClipping",
     "NonFiniteGradError",
     "apply_gradient_clipping",
     "build_algorithms",
@@ -38,5 +39,11 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        return getattr(import_module(_LAZY[name]), name)
+        try:
+            module = import_module(_LAZY[name])
+        except ModuleNotFoundError as err:
+            from gradclip_algo.extras import missing_extra
+
+            raise missing_extra(err, f"gradclip_algo.{name}") from None
+        return getattr(module, name)
     raise AttributeError(f"module 'gradclip_algo' has no attribute {name!r}")

@@ -1,24 +1,98 @@
-"""``GradientClipping``: the Composer algorithm around :class:`~gradclip_algo.clipper.GradientClipper`."""
+"""``GradClipAlgo``: the Composer algorithm around :class:`~gradclip_algo.clipper.GradientClipper`.
+
+Its class name differs from Composer's own ``GradientClipping``: Composer keys checkpoint entries by
+``type(algorithm).__qualname__`` and logs ``enabled_algorithms/<class name>``, so the two never collide.
+"""
 
 from __future__ import annotations
 
+import difflib
+import math
 import warnings
+from collections.abc import Collection
 from typing import Any
 
 import torch
-from composer.core import Algorithm, Event, Precision, State
-from composer.loggers import Logger
 from torch import Tensor
+
+from gradclip_algo.extras import missing_extra
+
+try:
+    from composer.core import Algorithm, Event, Precision, State
+    from composer.loggers import Logger
+except ModuleNotFoundError as err:
+    raise missing_extra(err, "gradclip_algo.GradClipAlgo") from None
 
 from gradclip_algo.clipper import GradientClipper
 from gradclip_algo.nonfinite import NonFiniteGradError
+from gradclip_algo.rules import RULES
 from gradclip_algo.stats import ClipStats
 from gradclip_algo.validation import check_int
 
 METRIC_PREFIX = "gradient_clipping"
+NAME = "GradClipAlgo"
 
 
-class GradientClipping(Algorithm):
+class _Required:
+    """The default of a required argument, so that a missing one gets a message of our own (llm-foundry
+    calls ``GradClipAlgo(**cfg)``, and Python's own message names neither a near-miss key nor the class)."""
+
+    def __repr__(self) -> str:
+        return "<required>"
+
+
+REQUIRED: Any = _Required()
+"""Default of ``clipping_type`` and ``clipping_threshold``: constructing without them raises ``TypeError``."""
+
+
+def _closest(key: str, allowed: Collection[str]) -> str | None:
+    matches = difflib.get_close_matches(key, list(allowed), n=1, cutoff=0.6)
+    return matches[0] if matches else None
+
+
+def check_keys(given: Collection[str], missing: Collection[str]) -> None:
+    """``TypeError`` naming an unknown key (with the closest allowed one) or a missing required key (with the
+    unknown key that was probably meant for it); every allowed key is listed."""
+    from gradclip_algo.config import allowed_fields  # config imports this module
+
+    allowed = allowed_fields()
+    listing = f"allowed keys: {', '.join(allowed)}"
+    unknown = [str(key) for key in given if key not in allowed]
+    for name in missing:
+        near = [key for key in unknown if _closest(key, [name]) == name]
+        if near:
+            raise TypeError(
+                f"{NAME}: missing required key {name!r}; got {near[0]!r}, which is not a key: did you mean "
+                f"{name!r}? {listing}"
+            )
+    if missing:
+        raise TypeError(f"{NAME}: missing required key(s) {', '.join(map(repr, missing))}; {listing}")
+    if unknown:
+        hints = []
+        for key in unknown:
+            closest = _closest(key, allowed)
+            hints.append(f"{key!r}" + (f" (did you mean {closest!r}?)" if closest else ""))
+        raise TypeError(f"{NAME}: unknown key(s) {', '.join(hints)}; {listing}")
+
+
+def _threshold_hint(clipping_type: Any, value: Any) -> str:
+    """A hint for a threshold given as a string: YAML reads ``inf`` (and, without omegaconf, ``1e-3``) as
+    strings."""
+    if not isinstance(value, str):
+        return ""
+    try:
+        number = float(value)
+    except ValueError:
+        return ""
+    if not math.isinf(number):
+        return f"; write it as a number, not a string (YAML: {number!r})"
+    rule = RULES.get(clipping_type) if isinstance(clipping_type, str) else None
+    if rule is not None and not rule.threshold_may_be_inf:
+        return f"; YAML reads inf as a string, and clipping_type={clipping_type!r} needs a finite threshold"
+    return "; YAML reads inf as a string: write .inf"
+
+
+class GradClipAlgo(Algorithm):
     """Clip the gradients once per optimizer step inside a Composer ``Trainer`` and log what was done.
 
     It runs at ``Event.AFTER_TRAIN_BATCH``: after the backward pass of every microbatch, the DDP
@@ -34,13 +108,18 @@ class GradientClipping(Algorithm):
             names of ``state.model.named_parameters()``, e.g. ``module.fc.weight`` in a
             ``ComposerClassifier``; a leading ``*`` keeps a glob working under wrappers that add prefixes.
 
-    Every bad value raises here, before any training step. Under fp16 AMP (``precision='amp_fp16'``)
-    Composer's GradScaler already skips every step whose grads hold inf or NaN, so ``nonfinite`` is
-    treated as ``'propagate'`` there (a warning says so once if another mode was set).
+    Every bad value or key raises here, before any training step, naming the class: an unknown key with
+    the closest allowed one and the list of all of them (``TypeError``), a missing ``clipping_threshold``
+    with the near-miss key given instead, a threshold written ``inf`` in YAML (a string) with ``.inf``.
+    Under fp16 AMP (``precision='amp_fp16'``) Composer's GradScaler already skips every step whose grads
+    hold inf or NaN, so ``nonfinite`` is treated as ``'propagate'`` there (a warning says so once if
+    another mode was set).
 
-    Logged with ``Logger.log_metrics`` on the steps whose ``state.timestamp.batch`` (the number of batches
-    trained before this one, which is also the step Composer's logger records) is a multiple of
-    ``log_interval``, so the first step is always logged:
+    Clipping runs at ``Event.AFTER_TRAIN_BATCH``; the metrics of that step are logged with
+    ``Logger.log_metrics`` at the following ``Event.BATCH_END`` when ``state.timestamp.batch`` (which then
+    counts the batch just trained) is a multiple of ``log_interval``: batches k, 2k, ... with k =
+    ``log_interval``, the batches and step numbers of Composer's ``console_log_interval`` and
+    ``OptimizerMonitor(batch_log_interval=k)``:
 
     - ``gradient_clipping/grad_norm``, ``gradient_clipping/clipped_grad_norm``,
       ``gradient_clipping/clipped_fraction``: the :class:`~gradclip_algo.ClipStats` of that step.
@@ -57,14 +136,27 @@ class GradientClipping(Algorithm):
     """
 
     def __init__(
-        self, clipping_type: str, clipping_threshold: float, log_interval: int = 1, **options: Any
+        self,
+        clipping_type: str = REQUIRED,
+        clipping_threshold: float = REQUIRED,
+        log_interval: int = 1,
+        **options: Any,
     ) -> None:
         super().__init__()
-        self.clipper = GradientClipper(clipping_type, clipping_threshold, **options)
-        self.log_interval = check_int("log_interval", log_interval, minimum=1)
+        required = {"clipping_type": clipping_type, "clipping_threshold": clipping_threshold}
+        check_keys(options, [name for name, value in required.items() if value is REQUIRED])
+        try:
+            self.clipper = GradientClipper(clipping_type, clipping_threshold, **options)
+            self.log_interval = check_int("log_interval", log_interval, minimum=1)
+        except (TypeError, ValueError) as err:
+            hint = (
+                _threshold_hint(clipping_type, clipping_threshold) if "clipping_threshold" in str(err) else ""
+            )
+            raise type(err)(f"{NAME}: {err}{hint}") from err
         self.options = options
         self.nonfinite = self.clipper.nonfinite
         self.last_stats: ClipStats | None = None
+        self._pending: ClipStats | None = None
         self._warned_fp16 = False
         self._reset_counters()
 
@@ -74,9 +166,17 @@ class GradientClipping(Algorithm):
         self._skipped_steps: int | Tensor = 0
 
     def match(self, event: Event, state: State) -> bool:
-        return event == Event.AFTER_TRAIN_BATCH
+        return event in (Event.AFTER_TRAIN_BATCH, Event.BATCH_END)
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
+        if event == Event.BATCH_END:
+            # The timestamp now counts the batch just trained, as Composer's console_log_interval and
+            # OptimizerMonitor read it: batches k, 2k, ... are logged, with the same step numbers.
+            if self._pending is not None and state.timestamp.batch.value % self.log_interval == 0:
+                logger.log_metrics(self._metrics(self._pending))
+                self._reset_counters()
+            self._pending = None
+            return
         batch = state.timestamp.batch.value
         fp16 = state.precision == Precision.AMP_FP16
         self._set_nonfinite_mode(fp16)
@@ -91,15 +191,13 @@ class GradientClipping(Algorithm):
             self._skipped_steps = self._skipped_steps + 1
         elif fp16:  # the GradScaler skips the step when a grad is inf or NaN
             self._skipped_steps = self._skipped_steps + (~torch.isfinite(stats.grad_norm)).to(torch.int64)
-        if batch % self.log_interval == 0:
-            logger.log_metrics(self._metrics(stats))
-            self._reset_counters()
+        self._pending = stats
 
     def _set_nonfinite_mode(self, fp16: bool) -> None:
         """Under fp16 AMP the GradScaler handles inf/NaN grads, so the clipper only propagates them."""
         if fp16 and self.nonfinite != "propagate" and not self._warned_fp16:
             warnings.warn(
-                f"GradientClipping: nonfinite={self.nonfinite!r} is treated as 'propagate' under "
+                f"{NAME}: nonfinite={self.nonfinite!r} is treated as 'propagate' under "
                 "precision='amp_fp16': the GradScaler already skips steps with inf/NaN gradients",
                 stacklevel=2,
             )
@@ -139,9 +237,8 @@ class GradientClipping(Algorithm):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "clipper" not in state:
-            # Composer's own GradientClipping has the same class name and saves only its repr.
             warnings.warn(
-                f"GradientClipping: the checkpoint holds no gradclip_algo state ({state!r}); starting fresh",
+                f"{NAME}: the checkpoint holds no gradclip_algo state ({state!r}); starting fresh",
                 stacklevel=2,
             )
             return

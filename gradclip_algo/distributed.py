@@ -77,7 +77,7 @@ def check_process_group(field_name: str, value: Any) -> Any:
         f"{field_name}: expected a torch.distributed ProcessGroup (the group of ranks across which the "
         f"model's parameters are split into pipeline stages) or None, got {value!r}; a YAML file cannot "
         f"hold a process group: pass {field_name}= from Python (GradientClipper, apply_gradient_clipping "
-        "or GradientClipping)"
+        "or GradClipAlgo)"
     )
 
 

@@ -42,7 +42,7 @@ from distributed_worker import (
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from gradclip_algo import GradientClipper, GradientClipping
+from gradclip_algo import GradClipAlgo, GradientClipper
 from gradclip_algo.distributed import local_shards
 
 STEPS = 4
@@ -88,9 +88,7 @@ class Snapshots(Callback):
         self.taken.append(snapshot(state.model, state.optimizers[0]))
 
 
-def fit(
-    algorithm: GradientClipping, optimizer: str, callbacks: list[Callback]
-) -> tuple[Trainer, InMemoryLogger]:
+def fit(algorithm: GradClipAlgo, optimizer: str, callbacks: list[Callback]) -> tuple[Trainer, InMemoryLogger]:
     """``STEPS`` batches of DDP training on 2 CPU ranks through Composer's ``Trainer``."""
     model = ComposerClassifier(make_net(), num_classes=3)
     optimizers = (
@@ -119,7 +117,7 @@ def fit(
 def check_trainer_ddp(rank: int) -> None:
     """Every rank ends with the same weights; the logged norms are equal on both ranks and equal to those
     of a single-process run on the global batches."""
-    trainer, in_memory = fit(GradientClipping("norm", 0.1), "sgd", [])
+    trainer, in_memory = fit(GradClipAlgo("norm", 0.1), "sgd", [])
     with_grads = [p for p in trainer.state.model.parameters() if p.grad is not None]
     layout = local_shards(with_grads, trainer.state.model).layout
     final = weights(trainer.state.model)
@@ -150,7 +148,7 @@ def check_trainer_skip(rank: int) -> None:
     skipped = (1, 3)
     snapshots = Snapshots()
     trainer, in_memory = fit(
-        GradientClipping("norm", 0.1, nonfinite="skip"), "adam", [Poison(skipped), snapshots]
+        GradClipAlgo("norm", 0.1, nonfinite="skip"), "adam", [Poison(skipped), snapshots]
     )
     final = weights(trainer.state.model)
     everyone = gather(final)
@@ -173,7 +171,7 @@ def check_trainer_skip(rank: int) -> None:
 def check_trainer_error(rank: int) -> None:
     """NaN on rank 1 only at batch 3: both ranks stop with the same error, naming batch, parameter, rank."""
     messages, names = nonfinite_errors_on_every_rank(
-        lambda: fit(GradientClipping("norm", 0.1, nonfinite="error"), "sgd", [Poison((3,))])
+        lambda: fit(GradClipAlgo("norm", 0.1, nonfinite="error"), "sgd", [Poison((3,))])
     )
 
     message = "batch 3: non-finite gradient (inf or NaN) in module.embed.weight on rank 1"
@@ -206,9 +204,12 @@ def check_engine(layout: str, clipping_type: str, threshold: float, rank: int) -
     single-process reference does and logs the global norm; Shards' layout matches fsdp_config_version."""
     want, want_stats, initial, _ = reference_clip(clipping_type, threshold)
     state, logger, in_memory = engine_state(layout)
-    state.algorithms = [GradientClipping(clipping_type, threshold)]
+    state.algorithms = [GradClipAlgo(clipping_type, threshold)]
     rank_backward(layout, state.model.module, 0, rank)
-    Engine(state, logger).run_event(Event.AFTER_TRAIN_BATCH)
+    engine = Engine(state, logger)
+    engine.run_event(Event.AFTER_TRAIN_BATCH)  # clips
+    state.timestamp = state.timestamp.copy(batch=state.timestamp.batch.value + 1)  # the batch is counted
+    engine.run_event(Event.BATCH_END)  # logs (log_interval=1)
     layout_found = local_shards(
         [p for p in state.model.parameters() if p.grad is not None], state.model
     ).layout
@@ -224,7 +225,7 @@ def check_engine(layout: str, clipping_type: str, threshold: float, rank: int) -
 def check_engine_refuses_adaptive_under_fsdp1(rank: int) -> None:
     """Through the Engine too, AGC under FSDP1 raises the error that names FSDP2 and DDP."""
     state, logger, _ = engine_state("fsdp1-orig")
-    state.algorithms = [GradientClipping("adaptive", 0.02)]
+    state.algorithms = [GradClipAlgo("adaptive", 0.02)]
     rank_backward("fsdp1-orig", state.model.module, 0, rank)
     try:
         Engine(state, logger).run_event(Event.AFTER_TRAIN_BATCH)
@@ -237,7 +238,7 @@ def check_engine_refuses_adaptive_under_fsdp1(rank: int) -> None:
 
 @case("engine-pipeline-2-stages-norm", COMPOSER_CASES)
 def check_engine_pipeline(rank: int) -> None:
-    """``GradientClipping(..., process_group=...)`` through Composer's Engine on 2 pipeline stages, one per
+    """``GradClipAlgo(..., process_group=...)`` through Composer's Engine on 2 pipeline stages, one per
     rank, each holding the grads of its own stage only: both log the whole model's norm, and each stage's
     clipped grads equal float64 clipping of the whole model's grads on one process."""
     model = ComposerClassifier(make_net(), num_classes=3)
@@ -247,7 +248,7 @@ def check_engine_pipeline(rank: int) -> None:
     in_memory = InMemoryLogger()
     logger = Logger(state, [in_memory])
     in_memory.init(state, logger)
-    state.algorithms = [GradientClipping("norm", 0.1, process_group=dist.group.WORLD)]
+    state.algorithms = [GradClipAlgo("norm", 0.1, process_group=dist.group.WORLD)]
     backward(model.module, *global_batch(0))  # the whole batch on both ranks: the grads a schedule gives
     named = dict(model.module.named_parameters())
     reference = float64_model(
@@ -257,7 +258,10 @@ def check_engine_pipeline(rank: int) -> None:
     for name, param in named.items():
         if name.split(".")[0] not in STAGES[rank]:
             param.grad = None  # the other stage's
-    Engine(state, logger).run_event(Event.AFTER_TRAIN_BATCH)
+    engine = Engine(state, logger)
+    engine.run_event(Event.AFTER_TRAIN_BATCH)  # clips
+    state.timestamp = state.timestamp.copy(batch=state.timestamp.batch.value + 1)  # the batch is counted
+    engine.run_event(Event.BATCH_END)  # logs (log_interval=1)
     norms = gather(torch.tensor(logged(in_memory, "grad_norm")))
 
     assert all(torch.equal(n, norms[0]) for n in norms), f"stages logged different norms: {norms}"

@@ -1,4 +1,4 @@
-"""``GradientClipping`` inside a real Composer ``Trainer``, checked against the functional API."""
+"""``GradClipAlgo`` inside a real Composer ``Trainer``, checked against the functional API."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ pytest.importorskip("composer")
 
 import torch  # noqa: E402
 from composer import Trainer  # noqa: E402
+from composer.callbacks import OptimizerMonitor  # noqa: E402
 from composer.core import Event, State  # noqa: E402
 from composer.loggers import InMemoryLogger, Logger  # noqa: E402
 from composer.models import ComposerClassifier  # noqa: E402
@@ -22,7 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from gradclip_algo import (  # noqa: E402
     ClipStats,
-    GradientClipping,
+    GradClipAlgo,
     NonFiniteGradError,
     apply_gradient_clipping,
     unit_norms,
@@ -90,7 +91,7 @@ def make_loader(nan_batch: int | None = None) -> DataLoader:
 
 
 def train(
-    algorithm: GradientClipping,
+    algorithm: GradClipAlgo,
     model: ComposerClassifier | None = None,
     batches: int = NUM_BATCHES,
     loader: DataLoader | None = None,
@@ -107,10 +108,9 @@ def train(
         algorithms=[algorithm],
         loggers=[in_memory],
         progress_bar=False,
-        log_to_console=False,
         device="cpu",
         seed=0,
-        **trainer_args,
+        **{"log_to_console": False, **trainer_args},
     )
     trainer.fit()
     return trainer, optimizer, in_memory
@@ -188,7 +188,7 @@ def test_optimizer_sees_clipped_grads_equal_to_whole_batch_reference(
     model = make_model()
     reference = reference_run(copy.deepcopy(model), clipping_type=clipping_type, clipping_threshold=threshold)
     _, optimizer, _ = train(
-        GradientClipping(clipping_type, threshold), model, device_train_microbatch_size=microbatch
+        GradClipAlgo(clipping_type, threshold), model, device_train_microbatch_size=microbatch
     )
     assert len(optimizer.seen) == NUM_BATCHES
     for (weights, grads), (reference_grads, _) in zip(optimizer.seen, reference, strict=True):
@@ -208,23 +208,66 @@ def test_logged_metrics_match_reference(log_interval: int) -> None:
     ]
     clipped = [bool(stats.clipped_fraction) for stats in reference]
     assert clipped == [False, True] * (NUM_BATCHES // 2)
-    algorithm = GradientClipping("norm", threshold, log_interval=log_interval)
+    algorithm = GradClipAlgo("norm", threshold, log_interval=log_interval)
     _, _, in_memory = train(algorithm)
 
-    steps = list(range(0, NUM_BATCHES, log_interval))
+    # Composer's numbering: batch k is the k-th batch trained, logged at steps k, 2k, ...
+    steps = list(range(log_interval, NUM_BATCHES + 1, log_interval))
     for name in ("grad_norm", "clipped_grad_norm", "clipped_fraction"):
         assert logged(in_memory, name) == [
-            (step, pytest.approx(float(getattr(reference[step], name)), rel=1e-5)) for step in steps
+            (step, pytest.approx(float(getattr(reference[step - 1], name)), rel=1e-5)) for step in steps
         ]
     # share of clipped steps among those since the previous log, this one included
-    windows = [range(max(step - log_interval + 1, 0), step + 1) for step in steps]
+    windows = [range(step - log_interval, step) for step in steps]
     fractions = [sum(clipped[i] for i in window) / len(window) for window in windows]
     assert logged(in_memory, "clipped_steps_fraction") == list(zip(steps, fractions, strict=True))
     assert logged(in_memory, "skipped_steps") == [(step, 0) for step in steps]
     if log_interval == 3:
-        assert fractions == [0.0, 2 / 3]
+        assert steps == [3, 6] and fractions == [1 / 3, 2 / 3]
     assert algorithm.last_stats is not None
     assert float(algorithm.last_stats.grad_norm) == pytest.approx(float(reference[-1].grad_norm), rel=1e-5)
+
+
+def console_blocks(text: str) -> dict[int, dict[str, str]]:
+    """Composer's console output, ``[batch=3/6]:`` then one ``\t Train name: value`` line per metric, by batch."""
+    blocks: dict[int, dict[str, str]] = {}
+    current: dict[str, str] | None = None
+    for line in text.splitlines():
+        if line.startswith("[batch="):
+            current = blocks.setdefault(int(line[len("[batch=") :].split("/")[0]), {})
+        elif current is not None and line.strip().startswith("Train "):
+            name, _, value = line.strip()[len("Train ") :].partition(": ")
+            current[name] = value
+    return blocks
+
+
+@pytest.mark.parametrize("interval", [2, 3])
+def test_logs_on_the_batches_and_steps_of_optimizer_monitor_and_the_console(interval: int) -> None:
+    """``log_interval=k`` logs batches k, 2k, ... with the step numbers Composer's ``OptimizerMonitor`` and
+    ``console_log_interval`` use at k, and the grads OptimizerMonitor sees are the clipped ones."""
+    console = io.StringIO()
+    algorithm = GradClipAlgo("norm", 3.0, log_interval=interval)
+    _, _, in_memory = train(
+        algorithm,
+        callbacks=[OptimizerMonitor(batch_log_interval=interval)],
+        log_to_console=True,
+        console_log_interval=f"{interval}ba",
+        console_stream=console,
+    )
+    steps = list(range(interval, NUM_BATCHES + 1, interval))
+    monitor = [(ts.batch.value, value) for ts, value in in_memory.data["l2_norm/grad/global"]]
+    ours = logged(in_memory, "clipped_grad_norm")
+    assert [step for step, _ in monitor] == [step for step, _ in ours] == steps
+    for (_, monitor_norm), (_, clipped_norm) in zip(monitor, ours, strict=True):
+        assert clipped_norm == pytest.approx(monitor_norm, rel=1e-5)
+    assert any(value == pytest.approx(3.0, rel=1e-5) for _, value in ours)  # a clipped step among them
+    blocks = console_blocks(console.getvalue())
+    with_ours = [batch for batch, metrics in blocks.items() if "gradient_clipping/grad_norm" in metrics]
+    assert with_ours == steps
+    for step, value in logged(in_memory, "grad_norm"):
+        assert blocks[step]["gradient_clipping/grad_norm"] == f"{value:.4f}"
+    assert all("l2_norm/grad/global" in blocks[step] for step in steps)
+    assert in_memory.hyperparameters["enabled_algorithms/GradClipAlgo"] is True
 
 
 def test_exclude_by_parameter_name() -> None:
@@ -233,7 +276,7 @@ def test_exclude_by_parameter_name() -> None:
     clipping = {"clipping_type": "norm", "clipping_threshold": 0.05, "exclude": ["module.2.*"]}
     reference = reference_run(copy.deepcopy(model), **clipping)
     unclipped = reference_run(copy.deepcopy(model), batches=1, clipping_type="norm", clipping_threshold=1e9)
-    _, optimizer, _ = train(GradientClipping(**clipping), model)
+    _, optimizer, _ = train(GradClipAlgo(**clipping), model)
     for (_, grads), (reference_grads, _) in zip(optimizer.seen, reference, strict=True):
         assert_grads_equal(grads, reference_grads)
         first_layer_norm = torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads[:2]]))
@@ -247,47 +290,47 @@ def test_nonfinite_error_names_the_batch_and_the_parameter() -> None:
     with pytest.raises(
         NonFiniteGradError, match=r"^batch 2: non-finite gradient .* in module\.0\.weight"
     ) as info:
-        train(GradientClipping("norm", 1.0, nonfinite="error"), loader=make_loader(nan_batch=2))
+        train(GradClipAlgo("norm", 1.0, nonfinite="error"), loader=make_loader(nan_batch=2))
     assert info.value.param_name == "module.0.weight"
     assert isinstance(info.value.__cause__, NonFiniteGradError)
 
 
 def test_nonfinite_skip_leaves_weights_untouched_and_is_counted() -> None:
-    algorithm = GradientClipping("norm", 1.0, nonfinite="skip", log_interval=3)
+    algorithm = GradClipAlgo("norm", 1.0, nonfinite="skip", log_interval=3)
     trainer, optimizer, in_memory = train(algorithm, batches=4, loader=make_loader(nan_batch=2))
     weights_before, grads = optimizer.seen[2]
     assert all(grad is None for grad in grads)
     for before, after in zip(weights_before, optimizer.seen[3][0], strict=True):
         assert torch.equal(before, after)
-    assert logged(in_memory, "skipped_steps") == [(0, 0), (3, 1)]
+    assert logged(in_memory, "skipped_steps") == [(3, 1)]  # batches 1-3, the third one skipped
     assert all(torch.isfinite(p).all() for p in trainer.state.model.parameters())
 
 
 def test_checkpoint_resume_restores_counters_and_loads_weights_only(tmp_path: Path) -> None:
     threshold = 3.0
-    _, _, uninterrupted = train(GradientClipping("norm", threshold, log_interval=3))
+    _, _, uninterrupted = train(GradClipAlgo("norm", threshold, log_interval=3))
 
-    first = GradientClipping("norm", threshold, log_interval=3)
+    first = GradClipAlgo("norm", threshold, log_interval=3)
     train(first, batches=2, save_folder=str(tmp_path), save_interval="2ba")
     checkpoint = tmp_path / "ep0-ba2-rank0.pt"
-    # after batch 0 (logged) and batch 1 (clipped, not logged): one step in the window, one clipped
+    # after batches 1 and 2 (the second clipped), neither logged: two steps in the window, one clipped
     assert first.state_dict() == {
-        "repr": "GradientClipping(clipping_type='norm', clipping_threshold=3.0, log_interval=3)",
+        "repr": "GradClipAlgo(clipping_type='norm', clipping_threshold=3.0, log_interval=3)",
         "clipper": {},
-        "steps_since_log": 1,
+        "steps_since_log": 2,
         "clipped_steps": 1,
         "skipped_steps": 0,
     }
 
     saved = assert_loads_weights_only(checkpoint)
-    assert saved == [("GradientClipping", first.state_dict())]
+    assert saved == [("GradClipAlgo", first.state_dict())]
 
-    resumed = GradientClipping("norm", threshold, log_interval=3)
+    resumed = GradClipAlgo("norm", threshold, log_interval=3)
     _, _, in_memory = train(resumed, load_path=str(checkpoint))
-    assert logged(in_memory, "clipped_steps_fraction") == [(3, 2 / 3)]
+    assert logged(in_memory, "clipped_steps_fraction") == [(3, 1 / 3), (6, 2 / 3)]
     for name in METRICS:
         assert logged(in_memory, name) == [
-            (step, pytest.approx(value, rel=1e-5)) for step, value in logged(uninterrupted, name) if step >= 2
+            (step, pytest.approx(value, rel=1e-5)) for step, value in logged(uninterrupted, name)
         ]
 
 
@@ -299,14 +342,14 @@ def test_stateful_rule_resumes_with_its_statistics(tmp_path: Path) -> None:
         "percentile": 10.0,
         "window": 8,
     }
-    _, uninterrupted, uninterrupted_log = train(GradientClipping(**clipping))
+    _, uninterrupted, uninterrupted_log = train(GradClipAlgo(**clipping))
     # a fresh history never clips its first step, so clipping at step 3 needs the restored one
-    assert logged(uninterrupted_log, "clipped_fraction")[3] == (3, 1.0)
+    assert logged(uninterrupted_log, "clipped_fraction")[3] == (4, 1.0)
 
-    train(GradientClipping(**clipping), batches=3, save_folder=str(tmp_path), save_interval="3ba")
+    train(GradClipAlgo(**clipping), batches=3, save_folder=str(tmp_path), save_interval="3ba")
     saved = assert_loads_weights_only(tmp_path / "ep0-ba3-rank0.pt")
     assert set(saved[0][1]["clipper"]) == {"rule"}
-    resumed = GradientClipping(**clipping)
+    resumed = GradClipAlgo(**clipping)
     _, optimizer, _ = train(resumed, load_path=str(tmp_path / "ep0-ba3-rank0.pt"))
     # loading first runs one step with zero grads at lr 0 to create the optimizer state (torch's
     # distributed-checkpoint helper); the training steps follow
@@ -317,9 +360,9 @@ def test_stateful_rule_resumes_with_its_statistics(tmp_path: Path) -> None:
 
 
 def test_load_state_dict_of_composers_own_algorithm_keeps_a_fresh_state() -> None:
-    algorithm = GradientClipping("norm", 1.0)
+    algorithm = GradClipAlgo("norm", 1.0)
     with pytest.warns(UserWarning, match="holds no gradclip_algo state"):
-        algorithm.load_state_dict({"repr": "GradientClipping(clipping_type='norm', clipping_threshold=1.0)"})
+        algorithm.load_state_dict({"repr": "GradClipAlgo(clipping_type='norm', clipping_threshold=1.0)"})
     assert algorithm.state_dict()["steps_since_log"] == 0
 
 
@@ -330,37 +373,42 @@ def test_amp_fp16_propagates_nonfinite_grads_warns_once_and_counts_scaler_skips(
     in_memory = InMemoryLogger()
     logger = Logger(state, in_memory)
     in_memory.init(state, logger)
-    algorithm = GradientClipping("norm", 1.0, nonfinite="error", log_interval=2)
-    assert algorithm.match(Event.AFTER_TRAIN_BATCH, state) and not algorithm.match(Event.BATCH_END, state)
+    algorithm = GradClipAlgo("norm", 1.0, nonfinite="error", log_interval=2)
+    assert algorithm.match(Event.AFTER_TRAIN_BATCH, state) and algorithm.match(Event.BATCH_END, state)
+    assert not algorithm.match(Event.AFTER_BACKWARD, state)
     with pytest.warns(UserWarning, match="'error' is treated as 'propagate'") as warned:
-        for step in range(3):
-            state.timestamp = state.timestamp.copy(batch=step)
+        for step in range(5):
+            state.timestamp = state.timestamp.copy(batch=step)  # batches trained before this one
             for param in model.parameters():
                 param.grad = torch.full_like(param, float("nan") if step > 0 else 1.0)
             algorithm.apply(Event.AFTER_TRAIN_BATCH, state, logger)
+            state.timestamp = state.timestamp.copy(
+                batch=step + 1
+            )  # Composer counts the batch, then BATCH_END
+            algorithm.apply(Event.BATCH_END, state, logger)
     assert len(warned) == 1
     assert all(torch.isnan(p.grad).all() for p in model.parameters())
-    assert logged(in_memory, "skipped_steps") == [(0, 0), (2, 2)]
+    assert logged(in_memory, "skipped_steps") == [(2, 1), (4, 2)]
     assert algorithm.nonfinite == "error"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Composer runs AMP precisions on GPU only")
 @pytest.mark.parametrize("precision", ["amp_fp16", "amp_bf16"])
 def test_amp_precisions_on_gpu(precision: str) -> None:
-    _, optimizer, in_memory = train(GradientClipping("norm", 0.05), device="gpu", precision=precision)
+    _, optimizer, in_memory = train(GradClipAlgo("norm", 0.05), device="gpu", precision=precision)
     assert optimizer.seen  # the fp16 GradScaler may skip the first steps while it lowers its scale
     for _, grads in optimizer.seen:
         norm = torch.linalg.vector_norm(torch.cat([g.float().flatten() for g in grads]))
         assert norm <= 0.05 * (1 + 1e-3)
-    assert [step for step, _ in logged(in_memory, "grad_norm")] == list(range(NUM_BATCHES))
+    assert [step for step, _ in logged(in_memory, "grad_norm")] == list(range(1, NUM_BATCHES + 1))
 
 
 def test_repr() -> None:
-    assert repr(GradientClipping("norm", 1)) == (
-        "GradientClipping(clipping_type='norm', clipping_threshold=1.0, log_interval=1)"
+    assert repr(GradClipAlgo("norm", 1)) == (
+        "GradClipAlgo(clipping_type='norm', clipping_threshold=1.0, log_interval=1)"
     )
-    assert repr(GradientClipping("adaptive", 0.01, log_interval=10, eps=1e-4, exclude=["*fc.*"])) == (
-        "GradientClipping(clipping_type='adaptive', clipping_threshold=0.01, log_interval=10, "
+    assert repr(GradClipAlgo("adaptive", 0.01, log_interval=10, eps=1e-4, exclude=["*fc.*"])) == (
+        "GradClipAlgo(clipping_type='adaptive', clipping_threshold=0.01, log_interval=10, "
         "eps=0.0001, exclude=['*fc.*'])"
     )
 
@@ -382,10 +430,41 @@ def test_repr() -> None:
         (("norm", 1.0), {"eps": 1e-3}, TypeError, r"unknown option\(s\) eps; allowed: "),
         (("norm", 1.0), {"nonfinite": "ignore"}, ValueError, r"nonfinite: expected one of .* got 'ignore'"),
         (("norm", 1.0), {"exclude": [3]}, TypeError, r"exclude: expected glob patterns"),
+        (
+            ("norm", 1.0),
+            {"norm_typ": 1},
+            TypeError,
+            r"^GradClipAlgo: unknown key\(s\) 'norm_typ' \(did you mean 'norm_type'\?\); allowed keys: clipping_type, clipping_threshold, log_interval, ",
+        ),
+        (
+            ("norm",),
+            {"threshold": 1},
+            TypeError,
+            r"^GradClipAlgo: missing required key 'clipping_threshold'; got 'threshold', which is not a key",
+        ),
+        (
+            (),
+            {},
+            TypeError,
+            r"^GradClipAlgo: missing required key\(s\) 'clipping_type', 'clipping_threshold'; allowed keys: ",
+        ),
+        (
+            ("adagc", "inf"),
+            {},
+            ValueError,
+            r"^GradClipAlgo: clipping_threshold: .* got 'inf' \(str\); YAML reads inf as a string: write \.inf$",
+        ),
+        (
+            ("norm", "1e-3"),
+            {},
+            ValueError,
+            r"got '1e-3' \(str\); write it as a number, not a string \(YAML: 0\.001\)$",
+        ),
     ],
 )
 def test_bad_values_raise_at_construction(
     args: tuple[Any, ...], options: dict[str, Any], error: type[Exception], message: str
 ) -> None:
-    with pytest.raises(error, match=message):
-        GradientClipping(*args, **options)
+    with pytest.raises(error, match=message) as info:
+        GradClipAlgo(*args, **options)
+    assert str(info.value).startswith("GradClipAlgo: ")  # which class failed, not Composer's

@@ -1,4 +1,5 @@
-"""Every YAML file under configs/: presets build; training configs parse and their block builds."""
+"""Every YAML file shipped in the package (presets/, configs/) and any under the repository's configs/:
+presets build; training configs parse and their block builds; every block uses the registry name."""
 
 from __future__ import annotations
 
@@ -14,12 +15,20 @@ import torch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from torch import nn  # noqa: E402
 
-from gradclip_algo import GradientClipping  # noqa: E402
+from gradclip_algo import GradClipAlgo  # noqa: E402
 from gradclip_algo.config import build_algorithms  # noqa: E402
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-YAML_FILES = sorted([*CONFIGS.rglob("*.yaml"), *CONFIGS.rglob("*.yml")])
-PRESETS = sorted((CONFIGS / "presets").glob("*.yaml"))
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "gradclip_algo"
+YAML_FILES = sorted(
+    [
+        *PACKAGE.glob("presets/*.yaml"),
+        *PACKAGE.glob("configs/*.yaml"),
+        *(ROOT / "configs").rglob("*.yaml"),
+        *(ROOT / "configs").rglob("*.yml"),
+    ]
+)
+PRESETS = sorted((PACKAGE / "presets").glob("*.yaml"))
 # file names carry the setting: <source>_<type>_<threshold>.yaml, or agc_<threshold>_<batch>.yaml
 PRESET_NAME = re.compile(r"_(?P<type>norm|value)_(?P<threshold>[0-9.]+)$|^agc_(?P<agc>[0-9.]+)_")
 
@@ -37,13 +46,15 @@ def test_the_literature_presets_are_there() -> None:
     }
 
 
-@pytest.mark.parametrize("path", YAML_FILES, ids=lambda path: str(path.relative_to(CONFIGS)))
+@pytest.mark.parametrize("path", YAML_FILES, ids=lambda path: str(path.relative_to(ROOT)))
 def test_every_yaml_file_parses_and_its_algorithms_build(path: Path) -> None:
     cfg = OmegaConf.load(path)
     assert isinstance(cfg, DictConfig)
+    # llm-foundry builds Composer's own class for `gradient_clipping`: every block names this package
+    assert set(cfg.get("algorithms") or {}) <= {"gradclip_algo"}, path.name
     if set(cfg) != {"algorithms"}:  # a full training config: its block, if any, must build
         assert all(
-            isinstance(algorithm, GradientClipping) for algorithm in build_algorithms(cfg.get("algorithms"))
+            isinstance(algorithm, GradClipAlgo) for algorithm in build_algorithms(cfg.get("algorithms"))
         )
         return
     (algorithm,) = build_algorithms(path)

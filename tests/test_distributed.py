@@ -99,7 +99,7 @@ def test_process_group_from_yaml_is_refused() -> None:
     """The YAML block names ``process_group`` as a key, but cannot hold a group: the error says so."""
     from gradclip_algo.config import build_algorithms
 
-    block = {"gradient_clipping": {"clipping_type": "norm", "clipping_threshold": 1.0, "process_group": "pp"}}
-    with pytest.raises(ValueError, match=r"algorithms\.gradient_clipping: process_group: expected a torch"):
+    block = {"gradclip_algo": {"clipping_type": "norm", "clipping_threshold": 1.0, "process_group": "pp"}}
+    with pytest.raises(ValueError, match=r"algorithms\.gradclip_algo: process_group: expected a torch"):
         build_algorithms(block)
-    assert build_algorithms({"gradient_clipping": {**block["gradient_clipping"], "process_group": None}})
+    assert build_algorithms({"gradclip_algo": {**block["gradclip_algo"], "process_group": None}})

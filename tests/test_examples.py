@@ -31,7 +31,7 @@ def test_composer_trainer_logs_the_agc_units_clipped() -> None:
 @pytest.mark.composer
 def test_yaml_run_builds_the_block_and_writes_a_run_folder(tmp_path: Path) -> None:
     pytest.importorskip("composer")
-    config = str(EXAMPLES.parent / "configs" / "demo_clipped.yaml")
+    config = "demo_clipped"  # the shipped config, by name
     result = load("yaml_run.py")["main"]([config, "max_duration=10ba", f"run_folder={tmp_path}"])
     assert result.summary.steps == 10 and result.clipping == "norm λ=1"
     assert (tmp_path / "demo_clipped" / "metrics.csv").exists()
@@ -42,7 +42,7 @@ def test_spike_comparison_survives_the_bad_batch_only_when_clipped(
     tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     pytest.importorskip("composer")
-    config = str(EXAMPLES.parent / "configs" / "demo_unclipped.yaml")
+    config = "demo_unclipped"
     out = tmp_path / "spikes.png"
     load("spike_comparison.py")["main"](
         [

@@ -177,7 +177,7 @@ def test_fp16_amp_leaves_inf_steps_to_the_grad_scaler() -> None:
     from composer.models import ComposerClassifier
     from torch.utils.data import DataLoader, TensorDataset
 
-    from gradclip_algo import GradientClipping
+    from gradclip_algo import GradClipAlgo
 
     class InfAtBatch2(Callback):
         def after_backward(self, state, logger) -> None:  # before the scaler unscales and checks
@@ -201,7 +201,7 @@ def test_fp16_amp_leaves_inf_steps_to_the_grad_scaler() -> None:
             train_dataloader=DataLoader(data, batch_size=8),
             max_duration="4ba",
             optimizers=torch.optim.SGD(model.parameters(), lr=0.1),
-            algorithms=[GradientClipping("norm", 1.0, nonfinite="error")],
+            algorithms=[GradClipAlgo("norm", 1.0, nonfinite="error")],
             callbacks=[InfAtBatch2(), weights],
             loggers=[in_memory],
             device="gpu",

@@ -19,7 +19,7 @@ from composer.models import ComposerClassifier  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
-from gradclip_algo import GradientClipping  # noqa: E402
+from gradclip_algo import GradClipAlgo  # noqa: E402
 
 BATCH = 4
 NUM_BATCHES = 12
@@ -47,9 +47,9 @@ def make_loader() -> DataLoader:
     return DataLoader(TensorDataset(inputs.reshape(-1, 5), targets), batch_size=BATCH, shuffle=False)
 
 
-def train(case: str, batches: int, **trainer_args: Any) -> tuple[list[torch.Tensor], GradientClipping]:
+def train(case: str, batches: int, **trainer_args: Any) -> tuple[list[torch.Tensor], GradClipAlgo]:
     clipping_type, threshold, options = CASES[case]
-    algorithm = GradientClipping(clipping_type, threshold, **options)
+    algorithm = GradClipAlgo(clipping_type, threshold, **options)
     model = make_model()
     trainer = Trainer(
         model=model,
@@ -69,9 +69,7 @@ def train(case: str, batches: int, **trainer_args: Any) -> tuple[list[torch.Tens
     return weights, algorithm
 
 
-def stop_and_resume(
-    case: str, folder: Path, **resume_args: Any
-) -> tuple[list[torch.Tensor], GradientClipping]:
+def stop_and_resume(case: str, folder: Path, **resume_args: Any) -> tuple[list[torch.Tensor], GradClipAlgo]:
     train(case, STOP, save_folder=str(folder), save_interval=f"{STOP}ba")
     checkpoint = folder / f"ep0-ba{STOP}-rank0.pt"
     assert checkpoint.exists(), sorted(p.name for p in folder.iterdir())

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +19,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from gradclip_algo.train.cli import main  # noqa: E402
 from gradclip_algo.train.demo import main as demo_main  # noqa: E402
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "gradclip_algo" / "configs"
 TINY = ["max_duration=30ba", "task.train_samples=2000", "task.eval_samples=100", "task.batch_size=32"]
 
 
@@ -25,10 +28,10 @@ def run(tmp_path: Path, config: str, *overrides: str) -> int:
 
 
 def test_run_folder_has_resolved_config_metrics_summary_and_plot(tmp_path: Path) -> None:
-    assert run(tmp_path, "demo_clipped.yaml", "algorithms.gradient_clipping.clipping_threshold=0.3") == 0
+    assert run(tmp_path, "demo_clipped.yaml", "algorithms.gradclip_algo.clipping_threshold=0.3") == 0
     folder = tmp_path / "demo_clipped"
     config = OmegaConf.load(folder / "config.yaml")
-    assert config.algorithms.gradient_clipping.clipping_threshold == 0.3
+    assert config.algorithms.gradclip_algo.clipping_threshold == 0.3
     assert config.max_duration == "30ba" and config.model.hidden_size == 32  # defaults filled in
     rows = list(csv.DictReader((folder / "metrics.csv").open()))
     assert [int(r["step"]) for r in rows] == list(range(1, 31))
@@ -69,10 +72,17 @@ def test_a_second_run_gets_a_fresh_folder(tmp_path: Path) -> None:
         ("demo_clipped.yaml", ["max_duration=10"], "max_duration: expected a count > 0 followed by 'ba'"),
         (
             "demo_clipped.yaml",
-            ["algorithms.gradient_clipping.clipping_type=l2"],
+            ["algorithms.gradclip_algo.clipping_type=l2"],
             "clipping_type: expected one of",
         ),
-        ("demo_clipped.yaml", ["algorithms.gradient_clipping.max_norm=1"], "unknown key(s) max_norm"),
+        ("demo_clipped.yaml", ["algorithms.gradclip_algo.max_norm=1"], "unknown key(s) 'max_norm'"),
+        (
+            "demo_clipped.yaml",
+            ["algorithms.gradclip_algo.log_intervall=5"],
+            "'log_intervall' (did you mean 'log_interval'?)",
+        ),
+        ("demo_clipped.yaml", ["run_folder=/proc/no_such_place"], "cannot create a run folder there"),
+        ("FILE-AS-FOLDER", [], "cannot create a run folder there: File exists"),
     ],
 )
 def test_bad_configs_exit_nonzero_with_one_line_and_train_nothing(
@@ -83,20 +93,22 @@ def test_bad_configs_exit_nonzero_with_one_line_and_train_nothing(
         broken.write_text("seed: 0\nrun_name: [unclosed\n")
         config = str(broken)
     runs = tmp_path / "runs"
+    if config == "FILE-AS-FOLDER":  # run_folder names a file
+        runs.write_text("")
+        config = "demo_clipped.yaml"
     code = main([str(CONFIGS / config), f"run_folder={runs}", *overrides])
     err = capfd.readouterr().err
     assert code == 2
     assert err.startswith("gradclip-train: error: ") and message in err and err.count("\n") == 1
     assert "Traceback" not in err
-    assert not runs.exists()
+    assert not runs.exists() or runs.is_file()
 
 
 def test_demo_premise_unclipped_diverges_and_clipped_learns(
     tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     """The demo's two configs at 150 steps: the unclipped run blows up, the clipped one stays finite."""
-    configs = [str(CONFIGS / "demo_unclipped.yaml"), str(CONFIGS / "demo_clipped.yaml")]
-    assert demo_main([*configs, "--out", str(tmp_path), "--set", "max_duration=150ba"]) == 0
+    assert demo_main(["--out", str(tmp_path), "--set", "max_duration=150ba"]) == 0  # the shipped configs
     out = capfd.readouterr().out
     unclipped, clipped = (
         json.loads((tmp_path / "demo" / name / "summary.json").read_text())
@@ -118,3 +130,54 @@ def test_demo_checks_every_run_before_making_a_folder(
     err = capfd.readouterr().err
     assert code == 2 and "optimizer.options: sgd rejected {'momentum': -1}" in err and err.count("\n") == 1
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("override", ["algorithms={}", "algorithms=null"])
+def test_emptying_the_algorithms_block_turns_clipping_off(tmp_path: Path, override: str) -> None:
+    assert run(tmp_path, "demo_clipped.yaml", override) == 0
+    summary = json.loads((tmp_path / "demo_clipped" / "summary.json").read_text())
+    assert summary["clipping"] == "none" and summary["clipped_steps"] == 0
+    assert OmegaConf.load(tmp_path / "demo_clipped" / "config.yaml").algorithms == {}
+
+
+def test_a_shipped_config_by_name_from_any_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo_clipped", "run_folder=out", *TINY]) == 0
+    assert (tmp_path / "out" / "demo_clipped" / "metrics.csv").exists()
+    assert main(["demo_clipped.yaml", "run_folder=out", *TINY]) == 0
+    assert (tmp_path / "out" / "demo_clipped-2" / "metrics.csv").exists()
+    assert main(["no_such_config", "run_folder=out"]) == 2
+    err = capfd.readouterr().err.strip().splitlines()[-1]
+    assert err == (
+        "gradclip-train: error: no_such_config: no such config file "
+        "(shipped configs, by name: demo_clipped, demo_unclipped)"
+    )
+
+
+def test_without_a_terminal_progress_is_one_line_every_n_steps(tmp_path: Path) -> None:
+    """stderr to a pipe: no progress bar redraws, one line per 10 steps (and none of Composer's bar)."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gradclip_algo.train.cli",
+            "demo_clipped",
+            f"run_folder={tmp_path}",
+            *TINY,
+            "--progress-every",
+            "10",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    assert [line.split(",")[0] for line in lines] == [
+        f"demo_clipped: step {step} of 30ba" for step in (10, 20, 30)
+    ]
+    assert all(" loss " in line for line in lines)

@@ -1,4 +1,7 @@
-"""``gradclip-train CONFIG.yaml [key=value ...]``: one training run from a YAML config."""
+"""``gradclip-train CONFIG [key=value ...]``: one training run from a YAML config.
+
+``--help`` works without Composer; running needs ``pip install "gradclip_algo[composer,yaml]"``.
+"""
 
 from __future__ import annotations
 
@@ -6,34 +9,69 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from gradclip_algo.train.run import train
-from gradclip_algo.train.run_config import RunConfigError, load_run_config
+from gradclip_algo.extras import install_hint
 
 PROG = "gradclip-train"
+PROGRESS_EVERY = 100
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value!r}")
+    return number
 
 
 def parser() -> argparse.ArgumentParser:
     parse = argparse.ArgumentParser(
         prog=PROG,
         description="Train a vanilla tanh RNN on the adding problem with Composer, as a YAML config says, "
-        "and write a run folder: config.yaml, metrics.csv, summary.json, metrics.png.",
+        "and write a run folder: config.yaml, metrics.csv, summary.json, metrics.png. An existing run "
+        "folder is never overwritten: the run goes to <run_name>-2, -3, ...",
     )
-    parse.add_argument("config", help="run config YAML, e.g. configs/demo_clipped.yaml")
+    parse.add_argument(
+        "config",
+        help="run config YAML, or the name of a shipped one: demo_clipped, demo_unclipped",
+    )
     parse.add_argument(
         "overrides",
         nargs="*",
         metavar="key=value",
-        help="override a config value (omegaconf dot-list), e.g. optimizer.lr=0.1 max_duration=500ba",
+        help="override a config value (omegaconf dot-list), e.g. optimizer.lr=0.1 max_duration=500ba; "
+        "algorithms={} or algorithms=null turns clipping off",
+    )
+    parse.add_argument(
+        "--progress-every",
+        type=_positive_int,
+        default=PROGRESS_EVERY,
+        metavar="N",
+        help="when stderr is not a terminal: one progress line every N steps instead of Composer's "
+        f"progress bar (default {PROGRESS_EVERY})",
     )
     return parse
 
 
+def missing_dependency(prog: str, err: ModuleNotFoundError) -> int:
+    """One line naming the module and the extra that installs it; exit status 1."""
+    print(f"{prog}: error: {err.name} is not installed: {install_hint(err.name)}", file=sys.stderr)
+    return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the config; a bad config exits with status 2 and one line on stderr, before any training."""
-    args = parser().parse_args(argv)
+    """Run the config; a bad config or path exits with status 2 and one line on stderr."""
+    args = parser().parse_intermixed_args(argv)
     try:
-        config = load_run_config(args.config, args.overrides)
-        result = train(config)
+        from gradclip_algo.train.run import train
+        from gradclip_algo.train.run_config import RunConfigError, load_run_config
+        from gradclip_algo.train.shipped import resolve_config
+    except ModuleNotFoundError as err:
+        return missing_dependency(PROG, err)
+    try:
+        config = load_run_config(resolve_config(args.config), args.overrides)
+        result = train(config, progress_every=args.progress_every)
     except RunConfigError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2

@@ -1,7 +1,8 @@
 """``make demo``: runs that differ only in their clipping, side by side in one table and one plot.
 
-``python -m gradclip_algo.train.demo [CONFIG.yaml ...] [--out runs] [key=value ...]`` trains each config
-(default: the unclipped and the clipped adding-problem demo) into a fresh folder ``runs/demo[-N]``, prints
+``python -m gradclip_algo.train.demo [CONFIG ...] [--out runs] [--set key=value ...]`` trains each config
+(a path or a shipped config's name; default: the shipped ``demo_unclipped`` and ``demo_clipped``, so it runs
+from any directory) into a fresh folder ``runs/demo[-N]``, prints
 final loss, best loss, evaluation MSE, the largest pre-clip gradient norm and the steps clipped per run, and
 writes ``comparison.png`` (loss and gradient norm per step, thresholds drawn in) next to the run folders.
 """
@@ -18,9 +19,10 @@ from pathlib import Path
 from gradclip_algo.train.plot import PlotSeries, plot_runs
 from gradclip_algo.train.run import RunResult, build_parts, create_run_folder, train
 from gradclip_algo.train.run_config import RunConfigError, load_run_config
+from gradclip_algo.train.shipped import resolve_config
 
 PROG = "gradclip_algo.train.demo"
-DEMO_CONFIGS = ("configs/demo_unclipped.yaml", "configs/demo_clipped.yaml")
+DEMO_CONFIGS = ("demo_unclipped", "demo_clipped")  # shipped in gradclip_algo/configs/
 COMPARISON_FILE = "comparison.png"
 
 
@@ -47,7 +49,13 @@ def comparison_table(results: Sequence[RunResult]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Train every config into one fresh demo folder, print the table, write the comparison plot."""
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
-    parser.add_argument("configs", nargs="*", default=list(DEMO_CONFIGS), metavar="CONFIG.yaml")
+    parser.add_argument(
+        "configs",
+        nargs="*",
+        default=list(DEMO_CONFIGS),
+        metavar="CONFIG",
+        help="run config YAML or shipped config name (default: demo_unclipped demo_clipped)",
+    )
     parser.add_argument("--out", default="runs", help="parent of the demo folder (default: runs)")
     parser.add_argument(
         "--set",
@@ -59,12 +67,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:  # every config is checked, its algorithms and optimizer built, before the first run starts
-        configs = [load_run_config(path, args.overrides) for path in args.configs]
+        configs = [load_run_config(resolve_config(path), args.overrides) for path in args.configs]
         parts = [build_parts(config) for config in configs]
+        folder = create_run_folder(Path(args.out), "demo")
     except RunConfigError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
-    folder = create_run_folder(Path(args.out), "demo")
     results = [
         train(replace(config, run_folder=str(folder)), run_parts)
         for config, run_parts in zip(configs, parts, strict=True)

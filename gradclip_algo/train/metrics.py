@@ -14,7 +14,7 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 from torch import Tensor
 
-from gradclip_algo.algorithm import GradientClipping
+from gradclip_algo.algorithm import GradClipAlgo
 from gradclip_algo.norms import get_total_norm
 
 LOSS_KEY = "loss/train/total"  # Composer's loss of the whole batch, all microbatches and ranks
@@ -41,11 +41,11 @@ CSV_COLUMNS = tuple(f.name for f in fields(StepRecord))
 class StepMetricsRecorder(Callback):
     """Writes one :class:`StepRecord` per optimizer step to a CSV file and keeps them in ``records``.
 
-    Both norms are taken at ``Event.AFTER_TRAIN_BATCH``, the event where :class:`GradientClipping` clips.
+    Both norms are taken at ``Event.AFTER_TRAIN_BATCH``, the event where :class:`GradClipAlgo` clips.
     Composer runs every algorithm at an event before any callback, so this callback sees the grads after
     clipping, i.e. the ones ``optimizer.step()`` gets: their L2 norm is ``clipped_grad_norm``. The norm
     before clipping is gone by then, so it comes from the algorithm's ``last_stats`` (the norm it measured
-    for its rule) when a ``GradientClipping`` runs, and equals the measured one when none does. Reading the
+    for its rule) when a ``GradClipAlgo`` runs, and equals the measured one when none does. Reading the
     values (a host sync) waits until ``Event.BATCH_END``, once per step.
     """
 
@@ -53,12 +53,12 @@ class StepMetricsRecorder(Callback):
         self.path = path
         self.records: list[StepRecord] = []
         self._file: IO[str] | None = None
-        self._clipping: GradientClipping | None = None
+        self._clipping: GradClipAlgo | None = None
         self._norms: Tensor | None = None
         self._clipped: Tensor | None = None
 
     def fit_start(self, state: State, logger: Logger) -> None:
-        clippers = [algo for algo in state.algorithms if isinstance(algo, GradientClipping)]
+        clippers = [algo for algo in state.algorithms if isinstance(algo, GradClipAlgo)]
         self._clipping = clippers[0] if clippers else None
         self._file = self.path.open("w", newline="")
         csv.writer(self._file).writerow(CSV_COLUMNS)

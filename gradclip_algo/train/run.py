@@ -9,18 +9,20 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from composer import Trainer
-from composer.core import Algorithm, Callback
+from composer.core import Algorithm, Callback, State
+from composer.loggers import Logger
 from composer.utils import dist, reproducibility
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
-from gradclip_algo.algorithm import GradientClipping
+from gradclip_algo.algorithm import GradClipAlgo
 from gradclip_algo.config import build_algorithms
 from gradclip_algo.train.adding_problem import train_and_eval_sets
 from gradclip_algo.train.metrics import RunSummary, StepMetricsRecorder, StepRecord, summarize
@@ -106,22 +108,53 @@ def create_run_folder(parent: Path, name: str) -> Path:
     """A new, empty ``parent/name``; if that exists, the first of ``name-2``, ``name-3``, ... that does not.
 
     ``mkdir`` without ``exist_ok`` makes the claim atomic, so two runs never share a folder.
+
+    Raises:
+        RunConfigError: the folder cannot be made (a file in the way, no permission, ...): one line.
     """
-    parent.mkdir(parents=True, exist_ok=True)
-    for number in itertools.count(1):
-        folder = parent / (name if number == 1 else f"{name}-{number}")
-        try:
-            folder.mkdir()
-        except FileExistsError:
-            continue
-        return folder
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        for number in itertools.count(1):
+            folder = parent / (name if number == 1 else f"{name}-{number}")
+            try:
+                folder.mkdir()
+            except FileExistsError:
+                continue
+            return folder
+    except OSError as err:
+        raise RunConfigError(f"{parent}: cannot create a run folder there: {err.strerror or err}") from err
     raise AssertionError("unreachable")
+
+
+class ProgressLines(Callback):
+    """One line on stderr every ``every`` optimizer steps (and after the last one): step, duration, loss.
+
+    Used instead of Composer's progress bar when stderr is not a terminal (a log file, a pipe), where the
+    bar's redraws would become thousands of lines.
+    """
+
+    def __init__(self, every: int, name: str) -> None:
+        self.every = every
+        self.name = name
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        step = state.timestamp.batch.value
+        last = state.max_duration is not None and state.timestamp >= state.max_duration  # type: ignore[operator]
+        if step % self.every == 0 or last:
+            loss = state.loss
+            total = sum(loss.values()) if isinstance(loss, dict) else loss
+            value = float(total) if isinstance(total, torch.Tensor) else float("nan")
+            print(
+                f"{self.name}: step {step} of {state.max_duration}, loss {value:.4g}",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 def describe_clipping(algorithms: list[Algorithm]) -> tuple[str, float | None]:
     """``('norm λ=0.5', 0.5)`` for norm clipping, ``('value λ=1', None)`` for other rules, ``('none', None)``."""
     for algorithm in algorithms:
-        if isinstance(algorithm, GradientClipping):
+        if isinstance(algorithm, GradClipAlgo):
             clipper = algorithm.clipper
             threshold = clipper.clipping_threshold if clipper.clipping_type == "norm" else None
             return f"{clipper.clipping_type} λ={clipper.clipping_threshold:g}", threshold
@@ -162,7 +195,13 @@ def make_trainer(
     )
 
 
-def train(config: RunConfig, parts: RunParts | None = None, *, progress_bar: bool = True) -> RunResult:
+def train(
+    config: RunConfig,
+    parts: RunParts | None = None,
+    *,
+    progress_bar: bool | None = None,
+    progress_every: int = 100,
+) -> RunResult:
     """Train the run of ``config`` and fill a new run folder.
 
     The folder gets ``config.yaml`` (the config with every default filled in), ``metrics.csv`` (one row per
@@ -171,6 +210,8 @@ def train(config: RunConfig, parts: RunParts | None = None, *, progress_bar: boo
     Args:
         parts: what :func:`build_parts` made of ``config``, for a caller that checked several configs
             before training any; built here when not given.
+        progress_bar: Composer's progress bar; by default on when stderr is a terminal. Without it, one
+            line every ``progress_every`` steps goes to stderr.
 
     Raises:
         RunConfigError: before any folder is made, if ``parts`` is not given and the config is rejected.
@@ -181,7 +222,12 @@ def train(config: RunConfig, parts: RunParts | None = None, *, progress_bar: boo
     print(f"run folder: {folder}", flush=True)
     OmegaConf.save(OmegaConf.create(to_dict(config)), folder / CONFIG_FILE)
     recorder = StepMetricsRecorder(folder / METRICS_FILE)
-    trainer = make_trainer(config, parts, [recorder], run_name=folder.name, progress_bar=progress_bar)
+    if progress_bar is None:
+        progress_bar = sys.stderr.isatty()
+    callbacks: list[Callback] = [recorder]
+    if not progress_bar:
+        callbacks.append(ProgressLines(progress_every, folder.name))
+    trainer = make_trainer(config, parts, callbacks, run_name=folder.name, progress_bar=progress_bar)
     trainer.fit()
     eval_mse = float(trainer.state.eval_metric_values["MeanSquaredError"])
     trainer.close()

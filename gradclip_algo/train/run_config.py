@@ -216,7 +216,11 @@ def load_run_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfi
     merged = _read_yaml(path)
     try:
         for override in overrides:
-            merged = OmegaConf.merge(merged, _read_override(override))
+            parsed = _read_override(override)
+            merged = OmegaConf.merge(merged, parsed)
+            key = override.partition("=")[0]
+            if OmegaConf.select(parsed, key) == {}:  # `key={}` empties the block: merging {} changes nothing
+                OmegaConf.update(merged, key, {}, merge=False)
         values = OmegaConf.to_container(merged, resolve=True)
     except OmegaConfBaseException as err:
         raise RunConfigError(f"{path}: {_one_line(err)}") from err
