@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
@@ -440,6 +441,21 @@ class ReturnDiffers(AssertionError):
     """The call returned the wrong kind of thing (None for stats, or stats for ``with_stats=False``)."""
 
 
+_CRASH_KINDS: dict[str, type[AssertionError]] = {}
+
+
+def crash(error: Exception, context: str) -> AssertionError:
+    """An AssertionError for an exception the library raised, of a class per kind of message (numbers and
+    shapes masked): hypothesis then reports crashes with different messages as distinct bugs, even when they
+    come from one line of the library."""
+    message = re.sub(r"[-0-9]+", "N", re.sub(r"\[[^\]]*\]", "[...]", str(error)))
+    key = f"{type(error).__name__}: {message[:160]}"
+    kind = _CRASH_KINDS.setdefault(
+        key, type(f"Crash{len(_CRASH_KINDS)}", (AssertionError,), {"__doc__": key})
+    )
+    return kind(f"{context}: the call raised {type(error).__name__}: {error}")
+
+
 def outcome_mismatch(
     params: list[nn.Parameter],
     stats: ClipStats | None,
@@ -555,10 +571,14 @@ def shape_for(draw: st.DrawFn, numel: int, ndim: int) -> tuple[int, ...]:
 
 
 def draw_numel(draw: st.DrawFn, allow_large: bool) -> int:
-    """Mostly small; often a boundary size ± a few; sizes from ``LARGE_NUMEL`` only when allowed."""
+    """Small (30 %), a boundary size ± a few (40 %), or a size between boundaries (log-uniform from
+    ``MIN_BLOCK // 4``, 30 %); sizes from ``LARGE_NUMEL`` on only when allowed."""
     kind = draw(st.integers(0, 9))
-    if kind < 5:
+    if kind < 3:
         return draw(st.integers(0, 40))
+    if kind >= 7:
+        exponent = draw(st.integers((MIN_BLOCK // 4).bit_length() - 1, LARGE_NUMEL.bit_length() - 2))
+        return draw(st.integers(1 << exponent, 2 << exponent))
     sizes = [s for s in BOUNDARY_SIZES if allow_large or s < LARGE_NUMEL]
     return max(0, draw(st.sampled_from(sizes)) + draw(st.sampled_from(BOUNDARY_OFFSETS)))
 
@@ -739,10 +759,18 @@ def thresholds(draw: st.DrawFn) -> float:
 
 
 @st.composite
-def stateless_cases(draw: st.DrawFn, inject: bool = False) -> StatelessCase:
-    model = draw(model_specs())
-    clipping_type = draw(st.sampled_from(["norm", "value", "adaptive"]))
-    nonfinite = draw(st.sampled_from(NONFINITE_MODES))
+def stateless_cases(
+    draw: st.DrawFn,
+    inject: bool = False,
+    scale_exps: tuple[int, int] = (-30, 30),
+    plain: bool = False,
+    types: tuple[str, ...] = ("norm", "value", "adaptive", "norm"),
+) -> StatelessCase:
+    """A stateless call; ``plain``: with stats and no nonfinite handling (so that other bugs do not hide
+    the crashes behind them)."""
+    model = draw(model_specs(scale_exps=scale_exps))
+    clipping_type = draw(st.sampled_from(types))
+    nonfinite = "propagate" if plain else draw(st.sampled_from(NONFINITE_MODES))
     injected = []
     if inject:
         for _ in range(draw(st.integers(1, 3))):
@@ -758,8 +786,8 @@ def stateless_cases(draw: st.DrawFn, inject: bool = False) -> StatelessCase:
         norm_type=draw(st.sampled_from([2.0, 1.0, math.inf, 3.0, 0.5])),
         eps=draw(st.one_of(st.none(), st.sampled_from([1e-6, 1e-3, 0.1]))),
         nonfinite=nonfinite,
-        error_if_nonfinite=nonfinite in ("propagate", "error") and draw(st.booleans()),
-        with_stats=draw(st.integers(0, 4)) > 0,
+        error_if_nonfinite=not plain and nonfinite in ("propagate", "error") and draw(st.booleans()),
+        with_stats=plain or draw(st.integers(0, 4)) > 0,
         inject=tuple(injected),
     )
 
@@ -816,7 +844,12 @@ def run_stateless(case: StatelessCase) -> None:
     if case.clipping_type == "norm" and case.nonfinite in ("propagate", "error"):
         oracle = torch_norm_clip(params, case.threshold, case.norm_type)
     value_oracle = None
-    if case.clipping_type == "value" and case.nonfinite == "propagate" and not case.error_if_nonfinite:
+    if (
+        case.clipping_type == "value"
+        and case.nonfinite == "propagate"
+        and not case.error_if_nonfinite
+        and params
+    ):
         copies = twins(params)
         torch.nn.utils.clip_grad_value_(copies, case.threshold)
         value_oracle = [c.grad for c in copies]
@@ -829,6 +862,8 @@ def run_stateless(case: StatelessCase) -> None:
         )
     except NonFiniteGradError as error:
         raised, stats = error, None
+    except Exception as error:
+        raise crash(error, f"{case.clipping_type} λ={case.threshold} {options}") from error
     context = f"{case.clipping_type} λ={case.threshold} {options}"
 
     # torch: its norm where finite, whether error_if_nonfinite raises where its norm is not finite
@@ -881,6 +916,14 @@ def run_stateless(case: StatelessCase) -> None:
 @given(case=stateless_cases())
 def test_stateless_types_match_float64_reference_and_torch(case: StatelessCase) -> None:
     """'norm', 'value' and 'adaptive' on random parameter lists, every nonfinite mode, with and without stats."""
+    run_stateless(case)
+
+
+@FUZZ
+@given(case=stateless_cases(scale_exps=(-8, 8), plain=True, types=("norm",)))
+def test_norm_at_moderate_magnitudes(case: StatelessCase) -> None:
+    """'norm' at magnitudes where no fp32 sum of squares overflows, with stats: the shapes and sizes alone
+    (against torch and the reference), so that other bugs do not hide theirs."""
     run_stateless(case)
 
 
@@ -995,7 +1038,10 @@ def test_stateful_types_match_float64_reference_loop(case: StatefulCase) -> None
             outcomes = rule(grads, rtol)
             if ambiguous_spike:
                 outcomes.append(skipped_outcome(norm))
-        stats = clipper(argument())
+        try:
+            stats = clipper(argument())
+        except Exception as error:
+            raise crash(error, f"{clipper!r}, step {step}") from error
         assert_matches_one(params, stats, outcomes, rtol, atol, context=f"{clipper!r}, step {step}")
         if len(outcomes) > 1:  # a decision within rounding: the states may part from here on
             return
@@ -1112,3 +1158,30 @@ def test_pinned_with_stats_false_returns_none_without_grads() -> None:
     param = nn.Parameter(torch.zeros(3))
     assert apply_gradient_clipping([param], "norm", 1.0, with_stats=False) is None
     assert param.grad is None
+
+
+@pytest.mark.parametrize("shape", [(1, 0), (3, 0, 2)])
+def test_pinned_value_stats_on_empty_grad_with_zero_trailing_dim(shape: tuple[int, ...]) -> None:
+    """'value' with stats on an empty grad whose trailing dims hold a 0 raised ``RuntimeError: cannot reshape
+    tensor of 0 elements into shape [-1, 0]`` (packing by shape)."""
+    empty = nn.Parameter(torch.zeros(shape))
+    empty.grad = torch.zeros(shape)
+    other = nn.Parameter(torch.zeros(3))
+    other.grad = torch.tensor([3.0, -0.5, -4.0])
+    stats = apply_gradient_clipping([empty, other], "value", 1.0)
+    assert stats is not None
+    assert torch.equal(other.grad, torch.tensor([1.0, -0.5, -1.0]))
+    assert float(stats.grad_norm) == pytest.approx(math.sqrt(25.25), rel=1e-6)
+    assert float(stats.clipped_fraction) == pytest.approx(2 / 3, rel=1e-6)
+
+
+def test_pinned_1d_grad_between_block_and_dot_sizes() -> None:
+    """A 1-D fp32 grad of 16,381 elements (above MIN_BLOCK, below the dot threshold) got a pack larger than
+    the packing buffer: torch warned "An output with one or more elements was resized" (an error here)."""
+    gen = torch.Generator().manual_seed(0)
+    param = nn.Parameter(torch.zeros(16381))
+    param.grad = torch.randn(16381, generator=gen)
+    want = float(param.grad.double().norm())
+    stats = apply_gradient_clipping([param], "norm", 1e9)
+    assert stats is not None
+    assert float(stats.grad_norm) == pytest.approx(want, rel=1e-5)
