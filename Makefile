@@ -10,7 +10,7 @@ CORE_TORCH ?= torch==2.13.0
 LLMFOUNDRY_VENV := .venv-llmfoundry
 LLMFOUNDRY ?= llm-foundry==0.22.0
 
-.PHONY: test test-core lint demo bench spikes clean llmfoundry-check wheel-check
+.PHONY: test test-core fuzz lint demo bench spikes clean llmfoundry-check wheel-check
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ test: lint $(VENV)/.installed test-core
 # The functional core on the newest torch, with Composer absent (Composer tests skip themselves).
 test-core: $(CORE_VENV)/.installed
 	$(CORE_VENV)/bin/python -m pytest -m "not composer"
+
+# The differential fuzz tests with thousands of examples each (``make test`` runs a bounded, fixed set).
+fuzz: $(CORE_VENV)/.installed
+	HYPOTHESIS_PROFILE=fuzz $(CORE_VENV)/bin/python -m pytest tests/test_fuzz.py
 
 # The main job: the adding problem trained with and without clipping, a table and runs/demo*/comparison.png.
 demo: $(VENV)/.installed

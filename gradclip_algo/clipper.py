@@ -117,7 +117,7 @@ class GradientClipper:
             self._warn_about(everything, selected)
         shards = local_shards([item.param for item in selected], module, grads, self.process_group)
         if not shards.grads and shards.group is None:  # a sharded rank without grads still joins reductions
-            return ClipStats.empty()
+            return ClipStats.empty() if with_stats else None
         if self.nonfinite == "zero":
             zero_nonfinite_(shards.grads)
         elif self.nonfinite in ("error", "skip"):

@@ -12,10 +12,17 @@ from torch import Tensor
 from gradclip_algo.validation import check_state_tensor
 
 
+def statistics_dtype(device: torch.device | str) -> torch.dtype:
+    """The dtype of norm statistics: float64, wide enough for the square of any float32 or float64 norm
+    (float32 on MPS, which has no float64)."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
 def empty_history(window: int, device: torch.device | str) -> dict[str, Tensor]:
-    """``norms``: ``window`` fp32 slots, all NaN; ``count``: how many finite norms were recorded (int64)."""
+    """``norms``: ``window`` slots (:func:`statistics_dtype`), all NaN; ``count``: how many finite norms
+    were recorded (int64)."""
     return {
-        "norms": torch.full((window,), float("nan"), dtype=torch.float32, device=device),
+        "norms": torch.full((window,), float("nan"), dtype=statistics_dtype(device), device=device),
         "count": torch.zeros((), dtype=torch.int64, device=device),
     }
 
@@ -23,7 +30,7 @@ def empty_history(window: int, device: torch.device | str) -> dict[str, Tensor]:
 def check_history(field: str, history: dict[str, Tensor]) -> None:
     """``ValueError`` unless ``history`` could have been made by :func:`record_`: a count ≥ 0, finite
     norms ≥ 0 in the first ``min(count, window)`` slots, NaN in the others. Reads the values (a sync)."""
-    norms = check_state_tensor(f"{field}.norms", history["norms"], torch.float32, ndim=1)
+    norms = check_state_tensor(f"{field}.norms", history["norms"], statistics_dtype("cpu"), ndim=1)
     count = int(check_state_tensor(f"{field}.count", history["count"], torch.int64, ndim=0))
     if count < 0:
         raise ValueError(f"{field}.count: expected an integer >= 0, got {count}")

@@ -343,7 +343,7 @@ def _with(state: dict, part: str, key: str, value: object) -> dict:
             {},
             "rule",
             "mean",
-            torch.tensor(math.nan),
+            torch.tensor(math.nan, dtype=torch.float64),
             r"state.rule.mean: expected a finite number >= 0, got nan",
         ),
         (
@@ -351,7 +351,7 @@ def _with(state: dict, part: str, key: str, value: object) -> dict:
             {},
             "rule",
             "var",
-            torch.tensor(-1.0),
+            torch.tensor(-1.0, dtype=torch.float64),
             r"state.rule.var: expected a finite number >= 0, got -1.0",
         ),
         (
@@ -376,7 +376,7 @@ def _with(state: dict, part: str, key: str, value: object) -> dict:
             {},
             "rule",
             "gamma",
-            torch.tensor([1.0, math.nan, 1.0]),
+            torch.tensor([1.0, math.nan, 1.0], dtype=torch.float64),
             r"state.rule.gamma: expected numbers >= 0",
         ),
         ("adagc", {}, "rule", "step", torch.tensor(-1), r"state.rule.step: expected an integer >= 0, got -1"),
@@ -393,7 +393,7 @@ def _with(state: dict, part: str, key: str, value: object) -> dict:
             {"window": 4},
             "rule",
             "norms",
-            torch.tensor([1.0, math.nan, 2.0, math.nan]),
+            torch.tensor([1.0, math.nan, 2.0, math.nan], dtype=torch.float64),
             r"state.rule.norms: the 3 recorded norms must be finite and >= 0",
         ),
         (
@@ -401,7 +401,7 @@ def _with(state: dict, part: str, key: str, value: object) -> dict:
             {"skip_spikes": 3.0, "spike_window": 4},
             "spikes",
             "norms",
-            torch.tensor([1.0, -1.0, 2.0, math.nan]),
+            torch.tensor([1.0, -1.0, 2.0, math.nan], dtype=torch.float64),
             r"state.spikes.norms: the 3 recorded norms must be finite and >= 0",
         ),
     ],
@@ -433,7 +433,7 @@ def test_a_zscore_state_with_a_nan_mean_cannot_switch_spike_clipping_off() -> No
     """The issue this guards: a NaN mean loaded silently made every later spike pass unclipped."""
     clipper = _trained("zscore")
     state = clipper.state_dict()
-    state["rule"]["mean"] = torch.tensor(math.nan)
+    state["rule"]["mean"] = torch.tensor(math.nan, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"state\.rule\.mean"):
         GradientClipper("zscore", 1.0).load_state_dict(state)
 

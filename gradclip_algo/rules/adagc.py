@@ -14,6 +14,7 @@ from torch import Tensor
 
 from gradclip_algo import kernels
 from gradclip_algo.distributed import Shards
+from gradclip_algo.norm_history import statistics_dtype
 from gradclip_algo.norms import clip_coefficient, group_by_device_and_dtype, power_sums
 from gradclip_algo.options import RuleOptions, option
 from gradclip_algo.stats import ClipStats
@@ -31,10 +32,11 @@ class AdaGCOptions(RuleOptions):
 
 
 def init(options: AdaGCOptions, device: torch.device | str) -> dict[str, Tensor]:
-    """``step``: finite steps seen (int64); ``gamma``: one gamma_i per tensor (fp32), sized at the first call."""
+    """``step``: finite steps seen (int64); ``gamma``: one gamma_i per tensor
+    (:func:`~gradclip_algo.norm_history.statistics_dtype`), sized at the first call."""
     return {
         "step": torch.zeros((), dtype=torch.int64, device=device),
-        "gamma": torch.zeros(0, dtype=torch.float32, device=device),
+        "gamma": torch.zeros(0, dtype=statistics_dtype(device), device=device),
     }
 
 
@@ -44,7 +46,7 @@ def check_state(state: dict[str, Tensor], options: AdaGCOptions) -> None:
     step = int(check_state_tensor("state.rule.step", state["step"], torch.int64, ndim=0))
     if step < 0:
         raise ValueError(f"state.rule.step: expected an integer >= 0, got {step}")
-    gamma = check_state_tensor("state.rule.gamma", state["gamma"], torch.float32, ndim=1)
+    gamma = check_state_tensor("state.rule.gamma", state["gamma"], statistics_dtype("cpu"), ndim=1)
     if not bool((gamma.detach().cpu() >= 0).all()):
         raise ValueError("state.rule.gamma: expected numbers >= 0 or inf (no NaN), one per gradient tensor")
 
@@ -53,7 +55,7 @@ def _gamma(state: dict[str, Tensor], count: int) -> Tensor:
     """gamma, created as ``+inf`` for ``count`` tensors at the first call; their number may not change."""
     gamma = state["gamma"]
     if gamma.numel() == 0:
-        gamma = state["gamma"] = torch.full((count,), float("inf"), device=gamma.device)
+        gamma = state["gamma"] = torch.full((count,), float("inf"), dtype=gamma.dtype, device=gamma.device)
     elif gamma.numel() != count:
         raise ValueError(
             f"clipping_type='adagc' keeps one statistic per gradient tensor: it tracked {gamma.numel()} "
@@ -77,10 +79,10 @@ def update(shards: Shards, max_norm: float, options: AdaGCOptions, state: dict[s
     grads = shards.grads
     gamma = _gamma(state, len(grads))
     step = state["step"]
-    norms = shards.tensor_totals(power_sums(grads, 2.0, shards.device)).sqrt().to(torch.float32)
+    norms = shards.tensor_totals(power_sums(grads, 2.0, shards.device)).sqrt().to(gamma.dtype)
     global_norm = shards.global_norm(2.0)
     warm = step < options.warmup_steps
-    warm_coef = clip_coefficient(global_norm, max_norm).to(torch.float32)
+    warm_coef = clip_coefficient(global_norm, max_norm).to(gamma.dtype)
     cap = options.relative_threshold * gamma
     tensor_coef = torch.where(norms > cap, cap / norms, 1.0)
     coef = torch.where(warm, warm_coef.expand_as(norms), tensor_coef)

@@ -35,7 +35,8 @@ def agc_coefficients(grad_norms: Tensor, weight_norms: Tensor, clipping: float, 
 
 
 class _UnitStatsSum:
-    """``[Σ‖G_u‖², Σ(c_u‖G_u‖)², #units clipped, #units]`` (float32) of many parts, summed.
+    """``[Σ‖G_u‖², Σ(c_u‖G_u‖)², #units clipped, #units]`` (float32, float64 for float64 grads) of many
+    parts, summed.
 
     Parts are held until they have ``limit`` units, then reduced together: a few tiny ops per batch of
     parts instead of per part, in memory bounded by ``limit``.
@@ -54,7 +55,9 @@ class _UnitStatsSum:
             self._reduce()
 
     def _reduce(self) -> None:
-        norms, coefs = (torch.cat(parts).to(torch.float32) for parts in zip(*self.held, strict=True))
+        norms, coefs = (torch.cat(parts) for parts in zip(*self.held, strict=True))
+        dtype = torch.promote_types(norms.dtype, torch.float32)  # float64 for float64 grads
+        norms, coefs = norms.to(dtype), coefs.to(dtype)
         self.held, self.units = [], 0
         clipped_norms = norms * coefs
         self.reduced.append(
@@ -62,8 +65,8 @@ class _UnitStatsSum:
                 [
                     torch.dot(norms, norms),
                     torch.dot(clipped_norms, clipped_norms),
-                    (coefs < 1.0).sum().to(torch.float32),
-                    torch.full((), float(coefs.numel()), device=coefs.device),
+                    (coefs < 1.0).sum().to(dtype),
+                    torch.full((), float(coefs.numel()), dtype=dtype, device=coefs.device),
                 ]
             )
         )

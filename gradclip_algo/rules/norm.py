@@ -43,7 +43,7 @@ def clip_to_norm_(grads: list[Tensor], norm: Tensor, threshold: float | Tensor) 
     (a number, or a 0-d tensor that a statistics-driven rule computed on the device).
 
     The step counts as clipped where ``norm > threshold``, compared in the threshold's precision: a
-    statistics-driven threshold is float32 and may be this very norm, rounded to float32.
+    statistics-driven threshold may be this very norm as its statistics hold it.
     """
     coef = clip_coefficient(norm, threshold)
     scale_grads_(grads, coef)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from gradclip_algo.distributed import Shards
+from gradclip_algo.norm_history import statistics_dtype
 from gradclip_algo.options import RuleOptions, option
 from gradclip_algo.rules.norm import clip_to_norm_
 from gradclip_algo.stats import ClipStats
@@ -33,8 +34,9 @@ class ZScoreOptions(RuleOptions):
 
 
 def init(options: ZScoreOptions, device: torch.device | str) -> dict[str, Tensor]:
-    """``step``: finite norms seen (int64); ``mean``, ``var``: the running statistics μ and sigma² (fp32)."""
-    zero = torch.zeros((), dtype=torch.float32, device=device)
+    """``step``: finite norms seen (int64); ``mean``, ``var``: the running statistics μ and sigma²
+    (:func:`~gradclip_algo.norm_history.statistics_dtype`)."""
+    zero = torch.zeros((), dtype=statistics_dtype(device), device=device)
     return {"step": torch.zeros((), dtype=torch.int64, device=device), "mean": zero, "var": zero.clone()}
 
 
@@ -44,7 +46,7 @@ def check_state(state: dict[str, Tensor], options: ZScoreOptions) -> None:
     if step < 0:
         raise ValueError(f"state.rule.step: expected an integer >= 0, got {step}")
     for key in ("mean", "var"):
-        value = float(check_state_tensor(f"state.rule.{key}", state[key], torch.float32, ndim=0))
+        value = float(check_state_tensor(f"state.rule.{key}", state[key], statistics_dtype("cpu"), ndim=0))
         if not (value >= 0 and value != float("inf")):
             raise ValueError(f"state.rule.{key}: expected a finite number >= 0, got {value}")
 
@@ -64,7 +66,7 @@ def update(shards: Shards, max_norm: float, options: ZScoreOptions, state: dict[
     """
     alpha, z_threshold = options.alpha, options.z_threshold
     norm = shards.global_norm(2.0)
-    n = norm.to(torch.float32)
+    n = norm.to(state["mean"].dtype)
     step, mean, var = state["step"], state["mean"], state["var"]
     warm = step < options.warmup_steps
     std = var.sqrt()
@@ -74,7 +76,7 @@ def update(shards: Shards, max_norm: float, options: ZScoreOptions, state: dict[
     threshold = torch.where(outlier, adaptive, float("inf")).clamp(max=max_norm)
     stats = clip_to_norm_(shards.grads, norm, threshold)
 
-    seen = (step + 1).to(torch.float32)
+    seen = (step + 1).to(n.dtype)
     warm_mean = mean + (n - mean) / seen
     warm_var = (var * (seen - 1) + (n - mean) * (n - warm_mean)) / seen
     target = torch.where(outlier, adaptive, n)
