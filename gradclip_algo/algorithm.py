@@ -11,6 +11,7 @@ from composer.loggers import Logger
 from torch import Tensor
 
 from gradclip_algo.clipper import GradientClipper
+from gradclip_algo.layer_norms import LayerGradNorms, grad_norms_by_name, norm_metrics
 from gradclip_algo.nonfinite import NonFiniteGradError
 from gradclip_algo.stats import ClipStats
 from gradclip_algo.validation import check_int
@@ -29,6 +30,8 @@ class GradientClipping(Algorithm):
         clipping_type: one of ``gradclip_algo.CLIPPING_TYPES`` (``'norm'``, ``'value'``, ``'adaptive'``, ...).
         clipping_threshold: λ > 0, as in :class:`~gradclip_algo.GradientClipper`.
         log_interval: log every ``log_interval`` optimizer steps (integer >= 1).
+        log_layer_norms: ``None`` (default) or k >= 1: on logging steps also log the pre-clip L2 grad norm
+            of the k largest parameters and of every block (see :mod:`gradclip_algo.layer_norms`).
         **options: the options of :class:`~gradclip_algo.GradientClipper`: the rule's own (``norm_type``,
             ``eps``, ...) and the common ones (``exclude``, ``nonfinite``, ...). ``exclude`` globs match the
             names of ``state.model.named_parameters()``, e.g. ``module.fc.weight`` in a
@@ -49,6 +52,11 @@ class GradientClipping(Algorithm):
     - ``gradient_clipping/skipped_steps``: how many of those steps were skipped: by ``nonfinite='skip'``
       or ``skip_spikes``, or under fp16 AMP by the GradScaler (counted where the grad norm was inf or NaN).
 
+    With ``log_layer_norms=k``, also (pre-clip, with Composer ``OptimizerMonitor``'s names under this
+    prefix): ``gradient_clipping/l2_norm/grad/<parameter name>`` for the k largest and
+    ``gradient_clipping/l2_norm/grad_block/<block>`` for every block; ``last_layer_norms`` holds the
+    latest :class:`~gradclip_algo.layer_norms.LayerGradNorms`. Other steps do not compute them.
+
     Steps that are not logged do not synchronise with the device (the counters stay device tensors) unless
     an option needs it (``nonfinite='error'`` or ``'skip'``, ``skip_spikes``).
     ``last_stats`` holds the latest ``ClipStats`` for callbacks. ``state_dict()`` holds the clipper's
@@ -57,9 +65,18 @@ class GradientClipping(Algorithm):
     """
 
     def __init__(
-        self, clipping_type: str, clipping_threshold: float, log_interval: int = 1, **options: Any
+        self,
+        clipping_type: str,
+        clipping_threshold: float,
+        log_interval: int = 1,
+        log_layer_norms: int | None = None,
+        **options: Any,
     ) -> None:
         super().__init__()
+        self.log_layer_norms = (
+            None if log_layer_norms is None else check_int("log_layer_norms", log_layer_norms, 1)
+        )
+        self.last_layer_norms: LayerGradNorms | None = None
         self.clipper = GradientClipper(clipping_type, clipping_threshold, **options)
         self.log_interval = check_int("log_interval", log_interval, minimum=1)
         self.options = options
@@ -80,6 +97,7 @@ class GradientClipping(Algorithm):
         batch = state.timestamp.batch.value
         fp16 = state.precision == Precision.AMP_FP16
         self._set_nonfinite_mode(fp16)
+        layer_norms = self._layer_norms(state, batch)  # before clipping, on logging steps only
         try:
             stats = self.clipper(state.model)
         except NonFiniteGradError as err:
@@ -93,7 +111,21 @@ class GradientClipping(Algorithm):
             self._skipped_steps = self._skipped_steps + (~torch.isfinite(stats.grad_norm)).to(torch.int64)
         if batch % self.log_interval == 0:
             logger.log_metrics(self._metrics(stats))
+            if layer_norms is not None:
+                logger.log_metrics(self._layer_norm_metrics(layer_norms))
             self._reset_counters()
+
+    def _layer_norms(self, state: State, batch: int) -> LayerGradNorms | None:
+        """Per-parameter grad norms (device tensors) when ``log_layer_norms`` is set and this step logs."""
+        if self.log_layer_norms is None or batch % self.log_interval != 0:
+            return None
+        self.last_layer_norms = grad_norms_by_name(state.model)
+        return self.last_layer_norms
+
+    def _layer_norm_metrics(self, layer_norms: LayerGradNorms) -> dict[str, float]:
+        """``log_layer_norms`` top parameters and every block, read in one transfer."""
+        metrics = norm_metrics(layer_norms, self.log_layer_norms)
+        return {f"{METRIC_PREFIX}/{name}": value for name, value in metrics.items()}
 
     def _set_nonfinite_mode(self, fp16: bool) -> None:
         """Under fp16 AMP the GradScaler handles inf/NaN grads, so the clipper only propagates them."""
@@ -155,5 +187,7 @@ class GradientClipping(Algorithm):
         return (
             f"{type(self).__name__}(clipping_type={self.clipper.clipping_type!r}, "
             f"clipping_threshold={self.clipper.clipping_threshold!r}, "
-            f"log_interval={self.log_interval!r}{options})"
+            f"log_interval={self.log_interval!r}"
+            + ("" if self.log_layer_norms is None else f", log_layer_norms={self.log_layer_norms!r}")
+            + f"{options})"
         )
