@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from torch import Tensor
 
 from gradclip_algo.algorithm import GradientClipping
-from gradclip_algo.layer_norms import grad_norms_by_name
+from gradclip_algo.layer_norms import LayerGradNorms, grad_norms_by_name
 from gradclip_algo.norms import global_norm
 from gradclip_algo.train.lm_model import EVAL_METRIC
 from gradclip_algo.train.loss_spikes import spike_report
@@ -112,6 +112,7 @@ class LanguageModelRecorder(Callback):
         self._before: dict[str, dict[str, Tensor] | None] = {}
         self._values: Tensor | None = None
         self._flags: tuple[bool, bool] = (False, False)
+        self._used: LayerGradNorms | None = None
 
     def fit_start(self, state: State, logger: Logger) -> None:
         clippers = [algo for algo in state.algorithms if isinstance(algo, GradientClipping)]
@@ -145,8 +146,9 @@ class LanguageModelRecorder(Callback):
             before, clipped, skipped = stats.grad_norm, stats.clipped_fraction > 0, stats.skipped
             threshold = rule_threshold(algorithm, self._before.get("rule"))
             limit = skip_limit(algorithm, self._before.get("spikes"))
-            layer = algorithm.last_layer_norms or grad_norms_by_name(state.model)
-            algorithm.last_layer_norms = None  # used once: a later step without them measures afresh
+            fresh = algorithm.last_layer_norms is not None and algorithm.last_layer_norms is not self._used
+            layer = algorithm.last_layer_norms if fresh else grad_norms_by_name(state.model)
+            self._used = algorithm.last_layer_norms  # steps that log none measure here (after clipping)
         by_name = dict(zip(layer.names, layer.norms.cpu().unbind(), strict=True)) if layer.names else {}
         row = [by_name.get(name, nan) for name in self.layer_names]
         scalars = [before, after, threshold, limit, clipped.to(torch.float32)]
