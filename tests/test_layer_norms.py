@@ -151,3 +151,18 @@ def test_log_layer_norms_is_checked() -> None:
 
     with pytest.raises(ValueError, match="log_layer_norms: expected an integer >= 1, got 0"):
         GradientClipping("norm", 1.0, log_layer_norms=0)
+
+
+@pytest.mark.composer
+def test_log_layer_norms_from_an_algorithms_block() -> None:
+    pytest.importorskip("composer")
+    from gradclip_algo.config import build_algorithms
+
+    block = {"gradient_clipping": {"clipping_type": "norm", "clipping_threshold": 1.0, "log_layer_norms": 3}}
+    (algorithm,) = build_algorithms(block)
+    assert algorithm.log_layer_norms == 3
+    block["gradient_clipping"]["log_layer_norms"] = -1
+    with pytest.raises(
+        ValueError, match=r"algorithms.gradient_clipping: log_layer_norms: expected an integer >= 1"
+    ):
+        build_algorithms(block)
