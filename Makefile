@@ -53,6 +53,12 @@ demo: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(VENV)/bin/python -m benchmarks.bench_clipping
 
+# A small transformer language model whose unclipped AdamW run spikes, against every clipping type over
+# 3 seeds: calibration, tables and runs/demo_lm*/{loss,grad_norms,layer_norms}.png.
+.PHONY: demo-lm
+demo-lm: $(VENV)/.installed
+	$(VENV)/bin/python -m gradclip_algo.train.demo_lm
+
 # A bad batch in the adding problem: no clipping, a fixed norm threshold and the statistics-driven types.
 spikes: $(VENV)/.installed
 	$(VENV)/bin/python examples/spike_comparison.py

@@ -24,6 +24,7 @@ except ModuleNotFoundError as err:
     raise missing_extra(err, "gradclip_algo.GradClipAlgo") from None
 
 from gradclip_algo.clipper import GradientClipper
+from gradclip_algo.layer_norms import LayerGradNorms, grad_norms_by_name, norm_metrics
 from gradclip_algo.nonfinite import NonFiniteGradError
 from gradclip_algo.rules import RULES
 from gradclip_algo.stats import ClipStats
@@ -103,6 +104,8 @@ class GradClipAlgo(Algorithm):
         clipping_type: one of ``gradclip_algo.CLIPPING_TYPES`` (``'norm'``, ``'value'``, ``'adaptive'``, ...).
         clipping_threshold: λ > 0, as in :class:`~gradclip_algo.GradientClipper`.
         log_interval: log every ``log_interval`` optimizer steps (integer >= 1).
+        log_layer_norms: ``None`` (default) or k >= 1: on logging steps also log the pre-clip L2 grad norm
+            of the k largest parameters and of every block (see :mod:`gradclip_algo.layer_norms`).
         **options: the options of :class:`~gradclip_algo.GradientClipper`: the rule's own (``norm_type``,
             ``eps``, ...) and the common ones (``exclude``, ``nonfinite``, ...). ``exclude`` globs match the
             names of ``state.model.named_parameters()``, e.g. ``module.fc.weight`` in a
@@ -128,6 +131,11 @@ class GradClipAlgo(Algorithm):
     - ``gradient_clipping/skipped_steps``: how many of those steps were skipped: by ``nonfinite='skip'``
       or ``skip_spikes``, or under fp16 AMP by the GradScaler (counted where the grad norm was inf or NaN).
 
+    With ``log_layer_norms=k``, also (pre-clip, with Composer ``OptimizerMonitor``'s names under this
+    prefix): ``gradient_clipping/l2_norm/grad/<parameter name>`` for the k largest and
+    ``gradient_clipping/l2_norm/grad_block/<block>`` for every block; ``last_layer_norms`` holds the
+    latest :class:`~gradclip_algo.layer_norms.LayerGradNorms`. Other steps do not compute them.
+
     Steps that are not logged do not synchronise with the device (the counters stay device tensors) unless
     an option needs it (``nonfinite='error'`` or ``'skip'``, ``skip_spikes``).
     ``last_stats`` holds the latest ``ClipStats`` for callbacks. ``state_dict()`` holds the clipper's
@@ -140,6 +148,7 @@ class GradClipAlgo(Algorithm):
         clipping_type: str = REQUIRED,
         clipping_threshold: float = REQUIRED,
         log_interval: int = 1,
+        log_layer_norms: int | None = None,
         **options: Any,
     ) -> None:
         super().__init__()
@@ -148,15 +157,20 @@ class GradClipAlgo(Algorithm):
         try:
             self.clipper = GradientClipper(clipping_type, clipping_threshold, **options)
             self.log_interval = check_int("log_interval", log_interval, minimum=1)
+            self.log_layer_norms = (
+                None if log_layer_norms is None else check_int("log_layer_norms", log_layer_norms, 1)
+            )
         except (TypeError, ValueError) as err:
             hint = (
                 _threshold_hint(clipping_type, clipping_threshold) if "clipping_threshold" in str(err) else ""
             )
             raise type(err)(f"{NAME}: {err}{hint}") from err
+        self.last_layer_norms: LayerGradNorms | None = None
         self.options = options
         self.nonfinite = self.clipper.nonfinite
         self.last_stats: ClipStats | None = None
         self._pending: ClipStats | None = None
+        self._pending_layer_norms: LayerGradNorms | None = None
         self._warned_fp16 = False
         self._reset_counters()
 
@@ -174,12 +188,15 @@ class GradClipAlgo(Algorithm):
             # OptimizerMonitor read it: batches k, 2k, ... are logged, with the same step numbers.
             if self._pending is not None and state.timestamp.batch.value % self.log_interval == 0:
                 logger.log_metrics(self._metrics(self._pending))
+                if self._pending_layer_norms is not None:
+                    logger.log_metrics(self._layer_norm_metrics(self._pending_layer_norms))
                 self._reset_counters()
-            self._pending = None
+            self._pending = self._pending_layer_norms = None
             return
         batch = state.timestamp.batch.value
         fp16 = state.precision == Precision.AMP_FP16
         self._set_nonfinite_mode(fp16)
+        layer_norms = self._layer_norms(state, batch)  # before clipping, on logging steps only
         try:
             stats = self.clipper(state.model)
         except NonFiniteGradError as err:
@@ -192,6 +209,20 @@ class GradClipAlgo(Algorithm):
         elif fp16:  # the GradScaler skips the step when a grad is inf or NaN
             self._skipped_steps = self._skipped_steps + (~torch.isfinite(stats.grad_norm)).to(torch.int64)
         self._pending = stats
+        self._pending_layer_norms = layer_norms
+
+    def _layer_norms(self, state: State, batch: int) -> LayerGradNorms | None:
+        """Per-parameter grad norms (device tensors) when ``log_layer_norms`` is set and this step logs
+        (at BATCH_END, when the timestamp counts ``batch + 1`` batches)."""
+        if self.log_layer_norms is None or (batch + 1) % self.log_interval != 0:
+            return None
+        self.last_layer_norms = grad_norms_by_name(state.model)
+        return self.last_layer_norms
+
+    def _layer_norm_metrics(self, layer_norms: LayerGradNorms) -> dict[str, float]:
+        """``log_layer_norms`` top parameters and every block, read in one transfer."""
+        metrics = norm_metrics(layer_norms, self.log_layer_norms)
+        return {f"{METRIC_PREFIX}/{name}": value for name, value in metrics.items()}
 
     def _set_nonfinite_mode(self, fp16: bool) -> None:
         """Under fp16 AMP the GradScaler handles inf/NaN grads, so the clipper only propagates them."""
@@ -252,5 +283,7 @@ class GradClipAlgo(Algorithm):
         return (
             f"{type(self).__name__}(clipping_type={self.clipper.clipping_type!r}, "
             f"clipping_threshold={self.clipper.clipping_threshold!r}, "
-            f"log_interval={self.log_interval!r}{options})"
+            f"log_interval={self.log_interval!r}"
+            + ("" if self.log_layer_norms is None else f", log_layer_norms={self.log_layer_norms!r}")
+            + f"{options})"
         )

@@ -103,6 +103,7 @@ def test_every_rule_option_is_an_allowed_key() -> None:
         "clipping_type",
         "clipping_threshold",
         "log_interval",
+        "log_layer_norms",
         *COMMON_OPTIONS,
         *(option for rule in RULES.values() for option in rule.options.names()),
     }

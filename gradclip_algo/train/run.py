@@ -18,6 +18,7 @@ import torch
 from composer import Trainer
 from composer.core import Algorithm, Callback, State
 from composer.loggers import Logger
+from composer.models import ComposerModel
 from composer.utils import dist, reproducibility
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset
@@ -25,10 +26,18 @@ from torch.utils.data import DataLoader, Dataset
 from gradclip_algo.algorithm import GradClipAlgo
 from gradclip_algo.config import build_algorithms
 from gradclip_algo.train.adding_problem import train_and_eval_sets
+from gradclip_algo.train.lm_model import LanguageModel
 from gradclip_algo.train.metrics import RunSummary, StepMetricsRecorder, StepRecord, summarize
 from gradclip_algo.train.model import AddingProblemModel
 from gradclip_algo.train.plot import PlotSeries, plot_runs
-from gradclip_algo.train.run_config import RunConfig, RunConfigError, to_dict
+from gradclip_algo.train.run_config import (
+    LanguageModelTaskConfig,
+    RunConfig,
+    RunConfigError,
+    TransformerConfig,
+    to_dict,
+)
+from gradclip_algo.train.text_data import train_and_eval_windows
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.csv"
@@ -46,7 +55,7 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
 class RunParts:
     """What the ``Trainer`` gets, built (and so checked) before the run folder is made."""
 
-    model: AddingProblemModel
+    model: ComposerModel
     optimizer: torch.optim.Optimizer
     algorithms: list[Algorithm]
     train_loader: DataLoader
@@ -85,23 +94,41 @@ def build_parts(config: RunConfig) -> RunParts:
         raise RunConfigError(str(err)) from err
     torch.set_num_threads(config.cpu_threads)
     reproducibility.seed_all(config.seed)
-    model = AddingProblemModel(config.model.hidden_size, config.model.recurrent_init_gain)
+    model = _model(config)
     opt = config.optimizer
     try:
         optimizer = OPTIMIZERS[opt.name](model.parameters(), lr=opt.lr, **opt.options)
     except (TypeError, ValueError) as err:
         raise RunConfigError(f"optimizer.options: {opt.name} rejected {opt.options!r}: {err}") from err
     task = config.task
-    train_set, eval_set = train_and_eval_sets(
-        task.train_samples, task.eval_samples, task.sequence_length, config.seed
-    )
+    if isinstance(task, LanguageModelTaskConfig):
+        train_set, eval_set = train_and_eval_windows(
+            task.text, task.context_length, task.eval_fraction, task.eval_windows
+        )
+        eval_batch_size = len(eval_set)
+    else:
+        train_set, eval_set = train_and_eval_sets(
+            task.train_samples, task.eval_samples, task.sequence_length, config.seed
+        )
+        eval_batch_size = task.eval_samples
     return RunParts(
         model=model,
         optimizer=optimizer,
         algorithms=algorithms,
         train_loader=_loader(train_set, task.batch_size, config.seed, train=True),
-        eval_loader=_loader(eval_set, task.eval_samples, config.seed, train=False),
+        eval_loader=_loader(eval_set, eval_batch_size, config.seed, train=False),
     )
+
+
+def _model(config: RunConfig) -> ComposerModel:
+    """The task's model: the RNN for the adding problem, the transformer for the language model."""
+    model = config.model
+    if isinstance(model, TransformerConfig):
+        assert isinstance(config.task, LanguageModelTaskConfig)
+        return LanguageModel(
+            config.task.context_length, model.d_model, model.n_layers, model.n_heads, model.mlp_ratio
+        )
+    return AddingProblemModel(model.hidden_size, model.recurrent_init_gain)
 
 
 def create_run_folder(parent: Path, name: str) -> Path:
@@ -179,7 +206,10 @@ def make_trainer(
 
     ``evaluate`` adds the evaluation set, run once at the end; ``options`` go to ``Trainer`` as they are.
     """
-    evaluation = {"eval_dataloader": parts.eval_loader, "eval_interval": "1dur"} if evaluate else {}
+    interval = (
+        f"{config.task.eval_interval}ba" if isinstance(config.task, LanguageModelTaskConfig) else "1dur"
+    )
+    evaluation = {"eval_dataloader": parts.eval_loader, "eval_interval": interval} if evaluate else {}
     return Trainer(
         model=parts.model,
         train_dataloader=parts.train_loader,
@@ -218,6 +248,10 @@ def train(
     """
     if parts is None:
         parts = build_parts(config)
+    if isinstance(config.task, LanguageModelTaskConfig):
+        from gradclip_algo.train.lm_run import train_language_model  # it builds on this module
+
+        return train_language_model(config, parts, progress_bar=progress_bar)
     folder = create_run_folder(Path(config.run_folder), config.run_name)
     print(f"run folder: {folder}", flush=True)
     OmegaConf.save(OmegaConf.create(to_dict(config)), folder / CONFIG_FILE)

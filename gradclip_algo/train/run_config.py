@@ -23,6 +23,8 @@ from gradclip_algo.validation import check_choice, check_positive_number
 Check = Callable[[str, Any], Any]
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
+TASKS = ("adding_problem", "language_model")
+TEXTS = ("pydoc_topics",)
 DURATION_PATTERN = re.compile(r"^([1-9][0-9]*)(ba|ep)$")
 
 
@@ -52,6 +54,26 @@ def _optimizer_name(field_name: str, value: Any) -> str:
         return check_choice(field_name, value, OPTIMIZERS)
     except ValueError as err:
         raise RunConfigError(str(err)) from err
+
+
+def _task_name(field_name: str, value: Any) -> str:
+    try:
+        return check_choice(field_name, value, TASKS)
+    except ValueError as err:
+        raise RunConfigError(str(err)) from err
+
+
+def _text_name(field_name: str, value: Any) -> str:
+    try:
+        return check_choice(field_name, value, TEXTS)
+    except ValueError as err:
+        raise RunConfigError(str(err)) from err
+
+
+def _fraction(field_name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise RunConfigError(f"{field_name}: expected a number in (0, 1), got {value!r}")
+    return float(value)
 
 
 def _run_name(field_name: str, value: Any) -> str:
@@ -96,15 +118,20 @@ def setting(default: Any, check: Check) -> Any:
     return field(default=default, metadata={"check": check})
 
 
-def block(schema: type) -> Any:
-    """A nested block of settings, itself a config dataclass; absent, it takes all its defaults."""
-    return field(default_factory=schema, metadata={"block": schema})
+def block(schema: type, by_task: Mapping[str, type] | None = None) -> Any:
+    """A nested block of settings, itself a config dataclass; absent, it takes all its defaults.
+
+    ``by_task`` maps each ``task.name`` to the block's schema for that task (``schema`` is the default's).
+    """
+    metadata = {"block": schema} if by_task is None else {"block": schema, "by_task": by_task}
+    return field(default_factory=schema, metadata=metadata)
 
 
 @dataclass(frozen=True)
 class TaskConfig:
     """The adding problem's sizes (see :mod:`gradclip_algo.train.adding_problem`)."""
 
+    name: str = setting("adding_problem", _task_name)
     sequence_length: int = setting(10, _int_at_least(2))
     train_samples: int = setting(64_000, _int_at_least(1))
     eval_samples: int = setting(1000, _int_at_least(1))
@@ -127,6 +154,43 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class LanguageModelTaskConfig:
+    """Next-byte prediction on a text of the standard library (see :mod:`gradclip_algo.train.text_data`).
+
+    Evaluation runs every ``eval_interval`` optimizer steps and at the end, on the first ``eval_windows``
+    windows of the held-out last ``eval_fraction`` of the text.
+    """
+
+    name: str = setting("language_model", _task_name)
+    text: str = setting("pydoc_topics", _text_name)
+    context_length: int = setting(64, _int_at_least(2))
+    batch_size: int = setting(16, _int_at_least(1))
+    eval_fraction: float = setting(0.1, _fraction)
+    eval_windows: int = setting(128, _int_at_least(1))
+    eval_interval: int = setting(25, _int_at_least(1))
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    """The byte-level pre-norm transformer (see :mod:`gradclip_algo.train.language_model`)."""
+
+    d_model: int = setting(64, _int_at_least(1))
+    n_layers: int = setting(2, _int_at_least(1))
+    n_heads: int = setting(4, _int_at_least(1))
+    mlp_ratio: int = setting(4, _int_at_least(1))
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise RunConfigError(
+                f"model.d_model: expected a multiple of model.n_heads={self.n_heads}, got {self.d_model}"
+            )
+
+
+TASK_BLOCKS: dict[str, type] = {"adding_problem": TaskConfig, "language_model": LanguageModelTaskConfig}
+MODEL_BLOCKS: dict[str, type] = {"adding_problem": ModelConfig, "language_model": TransformerConfig}
+
+
+@dataclass(frozen=True)
 class OptimizerConfig:
     """A torch optimizer (``sgd``, ``adam`` or ``adamw``), its learning rate and its other arguments."""
 
@@ -145,8 +209,8 @@ class RunConfig:
     max_duration: str = setting("2000ba", _duration)
     device_train_microbatch_size: int | None = setting(None, _optional_positive_int)
     cpu_threads: int = setting(1, _int_at_least(1))
-    task: TaskConfig = block(TaskConfig)
-    model: ModelConfig = block(ModelConfig)
+    task: TaskConfig | LanguageModelTaskConfig = block(TaskConfig, TASK_BLOCKS)
+    model: ModelConfig | TransformerConfig = block(ModelConfig, MODEL_BLOCKS)
     optimizer: OptimizerConfig = block(OptimizerConfig)
     algorithms: dict[str, Any] = setting({}, _optional_mapping)
 
@@ -164,7 +228,14 @@ def _build(schema: type, values: Any, path: str) -> Any:
     kwargs = {}
     for spec in fields(schema):
         name = f"{path}.{spec.name}" if path else spec.name
-        if spec.name in values:
+        by_task = spec.metadata.get("by_task")
+        if by_task is not None:  # the schema of this block depends on task.name
+            task = values.get("task")
+            task_name = task.get("name", TASKS[0]) if isinstance(task, Mapping) else TASKS[0]
+            kwargs[spec.name] = _build(
+                by_task[_task_name("task.name", task_name)], values.get(spec.name, {}), name
+            )
+        elif spec.name in values:
             value = values[spec.name]
             nested = spec.metadata.get("block")
             kwargs[spec.name] = _build(nested, value, name) if nested else spec.metadata["check"](name, value)

@@ -1,0 +1,294 @@
+"""A language-model run of ``gradclip-train``: per-step records with per-layer grad norms, evaluation
+losses, loss spikes, and the run folder's files.
+
+Per optimizer step the recorder keeps the training loss, the global grad norm before and after clipping,
+whether the step was clipped or skipped, the threshold the norm was held against, and the L2 grad norm of
+every parameter. Pre-clip values come from the clipping algorithm (its ``last_stats`` and, with
+``log_layer_norms``, its ``last_layer_norms``); without clipping pre and post are the same grads. The
+recorder reads the device once per step, at ``Event.BATCH_END``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+from composer.core import Callback, State
+from composer.loggers import Logger
+from omegaconf import OmegaConf
+from torch import Tensor
+
+from gradclip_algo.algorithm import GradClipAlgo
+from gradclip_algo.layer_norms import LayerGradNorms, grad_norms_by_name
+from gradclip_algo.norms import get_total_norm
+from gradclip_algo.train.lm_model import EVAL_METRIC
+from gradclip_algo.train.loss_spikes import spike_report
+from gradclip_algo.train.run import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    PLOT_FILE,
+    SUMMARY_FILE,
+    RunParts,
+    _json_number,
+    create_run_folder,
+    describe_clipping,
+    make_trainer,
+)
+from gradclip_algo.train.run_config import RunConfig, to_dict
+
+LAYER_NORMS_FILE = "layer_norms.csv"
+EVAL_FILE = "eval.csv"
+
+
+@dataclass(frozen=True)
+class LMStepRecord:
+    """One optimizer step (``step`` from 1). ``threshold``: the global-norm threshold the rule held the
+    pre-clip norm against (``nan`` where it has none: no clipping, adagc's per-tensor caps);
+    ``skip_limit``: the norm above which ``skip_spikes`` skips (``nan`` when off or still warming up)."""
+
+    step: int
+    loss: float
+    grad_norm: float
+    clipped_grad_norm: float
+    threshold: float
+    skip_limit: float
+    clipped: bool
+    skipped: bool
+
+
+def rule_threshold(algorithm: GradClipAlgo, before: dict[str, Tensor] | None) -> Tensor:
+    """The global-norm threshold of this step's rule, read from the clipper's statistics.
+
+    ``norm``: λ; ``quantile``: the percentile of its window after the call (the window holds this step's
+    norm), capped at λ; ``zscore``: the outlier boundary ``μ + z_t·sigma`` of the statistics before the call,
+    capped at λ (λ during warm-up; a norm above it is cut back to ``μ + z_t²·sigma/z``); other types: NaN.
+    """
+    clipper = algorithm.clipper
+    ceiling = torch.tensor(clipper.clipping_threshold, dtype=torch.float32)
+    options = clipper.options
+    if clipper.clipping_type == "norm":
+        return ceiling
+    if clipper.clipping_type == "quantile" and clipper.state is not None:
+        percentile = torch.nanquantile(clipper.state["norms"].cpu(), options.percentile / 100.0)
+        return torch.nan_to_num(percentile, nan=math.inf).clamp(max=ceiling)
+    if clipper.clipping_type == "zscore":
+        if before is None or int(before["step"]) < options.warmup_steps:
+            return ceiling
+        boundary = before["mean"] + options.z_threshold * before["var"].sqrt()
+        return boundary.cpu().clamp(max=ceiling)
+    return torch.tensor(math.nan)
+
+
+def skip_limit(algorithm: GradClipAlgo, before: dict[str, Tensor] | None) -> Tensor:
+    """``mean + k·std`` of the spike window before the call, NaN while fewer than half of it is filled."""
+    clipper = algorithm.clipper
+    if clipper.skip_spikes is None or before is None:
+        return torch.tensor(math.nan)
+    norms = before["norms"].cpu()
+    recorded = norms[torch.isfinite(norms)]
+    if recorded.numel() < max(2, norms.numel() // 2):
+        return torch.tensor(math.nan)
+    return recorded.mean() + clipper.skip_spikes * recorded.std()
+
+
+class LanguageModelRecorder(Callback):
+    """Writes ``metrics.csv`` (one :class:`LMStepRecord` per step), ``layer_norms.csv`` (one row of
+    per-parameter grad norms per step) and ``eval.csv`` (evaluation loss per evaluation) into ``folder``."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.records: list[LMStepRecord] = []
+        self.layer_names: list[str] = []
+        self.layer_rows: list[list[float]] = []
+        self.evals: list[tuple[int, float]] = []
+        self._clipping: GradClipAlgo | None = None
+        self._files: list[IO[str]] = []
+        self._before: dict[str, dict[str, Tensor] | None] = {}
+        self._values: Tensor | None = None
+        self._flags: tuple[bool, bool] = (False, False)
+        self._used: LayerGradNorms | None = None
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        clippers = [algo for algo in state.algorithms if isinstance(algo, GradClipAlgo)]
+        self._clipping = clippers[0] if clippers else None
+        self.layer_names = [name for name, param in state.model.named_parameters() if param.requires_grad]
+        self._files = [
+            (self.folder / name).open("w", newline="") for name in (METRICS_FILE, LAYER_NORMS_FILE)
+        ]
+        csv.writer(self._files[0]).writerow(f.name for f in fields(LMStepRecord))
+        csv.writer(self._files[1]).writerow(["step", *self.layer_names])
+
+    def after_backward(self, state: State, logger: Logger) -> None:
+        """The clipper's statistics before this step's clipping (the last microbatch's call wins)."""
+        if self._clipping is not None:
+            clipper = self._clipping.clipper
+            self._before = {
+                name: None if part is None else {key: value.clone() for key, value in part.items()}
+                for name, part in (("rule", clipper.state), ("spikes", clipper.spike_state))
+            }
+
+    def after_train_batch(self, state: State, logger: Logger) -> None:
+        params = [p for p in state.model.parameters() if p.grad is not None]
+        after = get_total_norm([p.grad for p in params], 2.0) if params else torch.zeros(())
+        nan = torch.tensor(math.nan)
+        algorithm = self._clipping
+        if algorithm is None or algorithm.last_stats is None:
+            before, threshold, limit, clipped, skipped = after, nan, nan, torch.tensor(False), False
+            layer = grad_norms_by_name(state.model)  # no clipping: these are also the pre-clip norms
+        else:
+            stats = algorithm.last_stats
+            before, clipped, skipped = stats.grad_norm, stats.clipped_fraction > 0, stats.skipped
+            threshold = rule_threshold(algorithm, self._before.get("rule"))
+            limit = skip_limit(algorithm, self._before.get("spikes"))
+            fresh = algorithm.last_layer_norms is not None and algorithm.last_layer_norms is not self._used
+            layer = algorithm.last_layer_norms if fresh else grad_norms_by_name(state.model)
+            self._used = algorithm.last_layer_norms  # steps that log none measure here (after clipping)
+        by_name = dict(zip(layer.names, layer.norms.cpu().unbind(), strict=True)) if layer.names else {}
+        row = [by_name.get(name, nan) for name in self.layer_names]
+        scalars = [before, after, threshold, limit, clipped.to(torch.float32)]
+        self._values = torch.stack([value.detach().cpu().to(torch.float32) for value in scalars + row])
+        self._flags = (False, skipped)
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        assert self._values is not None
+        values = self._values.tolist()
+        step = int(state.timestamp.batch.value)
+        record = LMStepRecord(
+            step=step,
+            loss=float(state.total_loss_dict.get("loss/train/total", math.nan)),
+            grad_norm=values[0],
+            clipped_grad_norm=values[1],
+            threshold=values[2],
+            skip_limit=values[3],
+            clipped=bool(values[4]),
+            skipped=self._flags[1],
+        )
+        self.records.append(record)
+        self.layer_rows.append(values[5:])
+        csv.writer(self._files[0]).writerow(asdict(record).values())
+        csv.writer(self._files[1]).writerow([step, *values[5:]])
+
+    def eval_end(self, state: State, logger: Logger) -> None:
+        value = state.eval_metric_values.get(EVAL_METRIC)
+        if value is not None:
+            step = int(state.timestamp.batch.value)
+            if not self.evals or self.evals[-1][0] != step:
+                self.evals.append((step, float(value)))
+
+    def close(self, state: State, logger: Logger) -> None:
+        for file in self._files:
+            file.close()
+        self._files = []
+        with (self.folder / EVAL_FILE).open("w", newline="") as file:
+            writer = csv.writer(file)
+            writer.writerow(["step", "eval_loss"])
+            writer.writerows(self.evals)
+
+
+@dataclass(frozen=True)
+class LanguageModelSummary:
+    """What a language-model run came to; ``nan`` where no finite value exists.
+
+    ``final_eval_loss`` and ``best_eval_loss``: the last and the lowest evaluation cross-entropy (nats per
+    byte); ``loss_spikes``, ``spike_score``: see :mod:`gradclip_algo.train.loss_spikes`.
+    """
+
+    steps: int
+    final_eval_loss: float
+    best_eval_loss: float
+    loss_spikes: int
+    spike_score: float
+    clipped_steps: int
+    skipped_steps: int
+    max_grad_norm: float
+    first_nonfinite_step: int | None
+
+    def describe(self) -> str:
+        """One line: the numbers of the summary."""
+        return (
+            f"{self.steps} steps, final eval loss {self.final_eval_loss:.4f}, best eval loss "
+            f"{self.best_eval_loss:.4f}, {self.loss_spikes} loss spikes (spike score {self.spike_score:.2f}), "
+            f"{self.clipped_steps} steps clipped, {self.skipped_steps} skipped, max pre-clip grad norm "
+            f"{self.max_grad_norm:.3g}"
+            + (
+                ""
+                if self.first_nonfinite_step is None
+                else f", inf/NaN from step {self.first_nonfinite_step}"
+            )
+        )
+
+
+def summarize_lm(records: Sequence[LMStepRecord], evals: Sequence[tuple[int, float]]) -> LanguageModelSummary:
+    """Summary of a run's step records and its evaluations."""
+    spikes = spike_report([r.loss for r in records])
+    eval_losses = [value for _, value in evals]
+    finite_evals = [value for value in eval_losses if math.isfinite(value)]
+    norms = [r.grad_norm for r in records if not math.isnan(r.grad_norm)]
+    nonfinite = [r.step for r in records if not (math.isfinite(r.loss) and math.isfinite(r.grad_norm))]
+    return LanguageModelSummary(
+        steps=len(records),
+        final_eval_loss=eval_losses[-1] if eval_losses else math.nan,
+        best_eval_loss=min(finite_evals, default=math.nan),
+        loss_spikes=spikes.spikes,
+        spike_score=spikes.score,
+        clipped_steps=sum(r.clipped and not r.skipped for r in records),
+        skipped_steps=sum(r.skipped for r in records),
+        max_grad_norm=max(norms, default=math.nan),
+        first_nonfinite_step=nonfinite[0] if nonfinite else None,
+    )
+
+
+@dataclass(frozen=True)
+class LanguageModelResult:
+    """A finished language-model run: its folder, records, evaluations, summary and clipping set-up."""
+
+    folder: Path
+    records: list[LMStepRecord]
+    layer_names: list[str]
+    layer_rows: list[list[float]]
+    evals: list[tuple[int, float]]
+    summary: LanguageModelSummary
+    clipping: str
+
+
+def describe_lm_clipping(config: RunConfig) -> str:
+    """The clipping of a config in a few words: ``none``, ``norm λ=1``, ``zscore λ=4.2 + skip_spikes=6``."""
+    settings: dict[str, Any] = next(iter(config.algorithms.values()), None) or {}
+    if not settings:
+        return "none"
+    words = f"{settings['clipping_type']} λ={float(settings['clipping_threshold']):g}"
+    if settings.get("skip_spikes") is not None:
+        words += f" + skip_spikes={settings['skip_spikes']:g}"
+    return words
+
+
+def train_language_model(
+    config: RunConfig, parts: RunParts, *, progress_bar: bool = True
+) -> LanguageModelResult:
+    """Train a language-model run into a new run folder: ``config.yaml``, ``metrics.csv``,
+    ``layer_norms.csv``, ``eval.csv``, ``summary.json`` and ``metrics.png``."""
+    from gradclip_algo.train.lm_plot import plot_lm_run  # matplotlib only when a run ends
+
+    folder = create_run_folder(Path(config.run_folder), config.run_name)
+    print(f"run folder: {folder}", flush=True)
+    OmegaConf.save(OmegaConf.create(to_dict(config)), folder / CONFIG_FILE)
+    recorder = LanguageModelRecorder(folder)
+    trainer = make_trainer(config, parts, [recorder], run_name=folder.name, progress_bar=progress_bar)
+    trainer.fit()
+    trainer.close()
+    summary = summarize_lm(recorder.records, recorder.evals)
+    clipping = describe_lm_clipping(config) if config.algorithms else describe_clipping(parts.algorithms)[0]
+    with (folder / SUMMARY_FILE).open("w") as file:
+        values = {name: _json_number(value) for name, value in asdict(summary).items()}
+        json.dump({"clipping": clipping, **values}, file, indent=2)
+    result = LanguageModelResult(
+        folder, recorder.records, recorder.layer_names, recorder.layer_rows, recorder.evals, summary, clipping
+    )
+    plot_lm_run(result, folder / PLOT_FILE)
+    return result
