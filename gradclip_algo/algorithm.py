@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import math
 import warnings
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import torch
@@ -31,6 +31,8 @@ from gradclip_algo.stats import ClipStats
 from gradclip_algo.validation import check_int
 
 METRIC_PREFIX = "gradient_clipping"
+COUNTERS = ("steps_since_log", "clipped_steps", "skipped_steps")
+"""The logging counters a checkpoint holds beside the clipper's statistics."""
 NAME = "GradClipAlgo"
 
 
@@ -257,7 +259,7 @@ class GradClipAlgo(Algorithm):
         }
 
     def state_dict(self) -> dict[str, Any]:
-        """The clipper's statistics and the logging counters (reading the counters syncs once)."""
+        """The clipper's statistics and the logging counters :data:`COUNTERS` (reading them syncs once)."""
         return {
             "repr": repr(self),
             "clipper": self.clipper.state_dict(),
@@ -267,16 +269,38 @@ class GradClipAlgo(Algorithm):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned, all or nothing: the counters and the clipper's
+        statistics are checked (keys, types, ranges, values) before anything is replaced."""
+        if not isinstance(state, Mapping):
+            raise ValueError(f"{NAME}: state: expected a mapping, got {state!r}")
         if "clipper" not in state:
             warnings.warn(
                 f"{NAME}: the checkpoint holds no gradclip_algo state ({state!r}); starting fresh",
                 stacklevel=2,
             )
             return
-        self.clipper.load_state_dict(state["clipper"])
-        self._steps_since_log = state["steps_since_log"]
-        self._clipped_steps = state["clipped_steps"]
-        self._skipped_steps = state["skipped_steps"]
+        counters = {}
+        for key in COUNTERS:
+            if key not in state:
+                expected = ", ".join(("clipper", *COUNTERS))
+                raise ValueError(f"{NAME}: state: missing key {key!r}; expected {expected}")
+            value = state[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{NAME}: state.{key}: expected an integer >= 0, got {value!r}")
+            counters[key] = value
+        for key in ("clipped_steps", "skipped_steps"):
+            if counters[key] > counters["steps_since_log"]:
+                raise ValueError(
+                    f"{NAME}: state.{key}: {counters[key]} is more than the {counters['steps_since_log']} "
+                    "steps since the last log (state.steps_since_log)"
+                )
+        try:
+            self.clipper.load_state_dict(state["clipper"])
+        except ValueError as err:
+            raise ValueError(f"{NAME}: {err}") from err
+        self._steps_since_log = counters["steps_since_log"]
+        self._clipped_steps = counters["clipped_steps"]
+        self._skipped_steps = counters["skipped_steps"]
 
     def __repr__(self) -> str:
         options = "".join(f", {name}={value!r}" for name, value in self.options.items())

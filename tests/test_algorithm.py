@@ -366,6 +366,47 @@ def test_load_state_dict_of_composers_own_algorithm_keeps_a_fresh_state() -> Non
     assert algorithm.state_dict()["steps_since_log"] == 0
 
 
+def _zscore_state_after_two_steps() -> dict:
+    algorithm = GradClipAlgo("zscore", 1.0, log_interval=4)
+    params = [nn.Parameter(torch.zeros(3))]
+    for scale in (1.0, 2.0):
+        params[0].grad = torch.full((3,), scale)
+        algorithm.clipper(params)
+    state = algorithm.state_dict()
+    state.update(steps_since_log=2, clipped_steps=1, skipped_steps=0)
+    return state
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"steps_since_log": -1}, r"state\.steps_since_log: expected an integer >= 0, got -1"),
+        ({"clipped_steps": 1.5}, r"state\.clipped_steps: expected an integer >= 0, got 1\.5"),
+        ({"skipped_steps": True}, r"state\.skipped_steps: expected an integer >= 0, got True"),
+        ({"clipped_steps": 3}, r"state\.clipped_steps: 3 is more than the 2 steps since the last log"),
+        ({"steps_since_log": None}, r"state\.steps_since_log: expected an integer >= 0, got None"),
+        (
+            {"clipper": {"rule": {"step": torch.tensor(2)}}},
+            r"GradClipAlgo: state\.rule: expected keys mean, step, var",
+        ),
+    ],
+)
+def test_load_state_dict_is_checked_and_all_or_nothing(change: dict, message: str) -> None:
+    """A bad counter or clipper state raises before anything is replaced (it used to fail later inside
+    fit() with a ZeroDivisionError, or half-load)."""
+    good = _zscore_state_after_two_steps()
+    algorithm = GradClipAlgo("zscore", 1.0, log_interval=4)
+    with pytest.raises(ValueError, match=message):
+        algorithm.load_state_dict({**good, **change})
+    assert algorithm.clipper.state_dict() == {} and algorithm.state_dict()["steps_since_log"] == 0
+    missing = {key: value for key, value in good.items() if key != "skipped_steps"}
+    with pytest.raises(ValueError, match=r"state: missing key 'skipped_steps'"):
+        algorithm.load_state_dict(missing)
+    algorithm.load_state_dict(good)
+    assert algorithm.state_dict()["clipped_steps"] == 1
+    assert torch.equal(algorithm.clipper.state_dict()["rule"]["step"], torch.tensor(2))
+
+
 def test_amp_fp16_propagates_nonfinite_grads_warns_once_and_counts_scaler_skips() -> None:
     """Under fp16 AMP the GradScaler skips inf/NaN steps, so 'error' must not raise (State built on CPU)."""
     model = make_model()

@@ -217,5 +217,5 @@ def test_missing_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert (
         capsys.readouterr().err.strip()
         == f"gradclip-calibrate: error: {tmp_path / 'absent.yaml'}: no such config file "
-        "(shipped configs, by name: demo_clipped, demo_unclipped)"
+        "(shipped configs, by name: demo_clipped, demo_lm, demo_unclipped)"
     )

@@ -100,6 +100,8 @@ def test_process_group_from_yaml_is_refused() -> None:
     from gradclip_algo.config import build_algorithms
 
     block = {"gradclip_algo": {"clipping_type": "norm", "clipping_threshold": 1.0, "process_group": "pp"}}
-    with pytest.raises(ValueError, match=r"algorithms\.gradclip_algo: process_group: expected a torch"):
+    with pytest.raises(
+        ValueError, match=r"algorithms\.gradclip_algo: GradClipAlgo: process_group: expected a torch"
+    ):
         build_algorithms(block)
     assert build_algorithms({"gradclip_algo": {**block["gradclip_algo"], "process_group": None}})

@@ -152,7 +152,7 @@ def test_a_shipped_config_by_name_from_any_directory(
     err = capfd.readouterr().err.strip().splitlines()[-1]
     assert err == (
         "gradclip-train: error: no_such_config: no such config file "
-        "(shipped configs, by name: demo_clipped, demo_unclipped)"
+        "(shipped configs, by name: demo_clipped, demo_lm, demo_unclipped)"
     )
 
 

@@ -42,32 +42,22 @@ def _int_at_least(minimum: int) -> Check:
     return lambda field_name, value: _check_int(field_name, value, minimum)
 
 
-def _positive_number(field_name: str, value: Any) -> float:
-    try:
-        return check_positive_number(field_name, value)
-    except ValueError as err:
-        raise RunConfigError(str(err)) from err
+def _config_error(check: Callable[..., Any], *args: Any) -> Callable[[str, Any], Any]:
+    """``check(field_name, value, *args)``, its ``ValueError`` raised as a one-line ``RunConfigError``."""
+
+    def checked(field_name: str, value: Any) -> Any:
+        try:
+            return check(field_name, value, *args)
+        except ValueError as err:
+            raise RunConfigError(str(err)) from err
+
+    return checked
 
 
-def _optimizer_name(field_name: str, value: Any) -> str:
-    try:
-        return check_choice(field_name, value, OPTIMIZERS)
-    except ValueError as err:
-        raise RunConfigError(str(err)) from err
-
-
-def _task_name(field_name: str, value: Any) -> str:
-    try:
-        return check_choice(field_name, value, TASKS)
-    except ValueError as err:
-        raise RunConfigError(str(err)) from err
-
-
-def _text_name(field_name: str, value: Any) -> str:
-    try:
-        return check_choice(field_name, value, TEXTS)
-    except ValueError as err:
-        raise RunConfigError(str(err)) from err
+_positive_number = _config_error(check_positive_number)
+_optimizer_name = _config_error(check_choice, OPTIMIZERS)
+_task_name = _config_error(check_choice, TASKS)
+_text_name = _config_error(check_choice, TEXTS)
 
 
 def _fraction(field_name: str, value: Any) -> float:
