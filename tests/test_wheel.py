@@ -131,7 +131,7 @@ def test_the_wheel_needs_torch_alone_and_ships_its_data(torch_only_venv: Path) -
         'pip install "gradclip_algo[composer]"',
     }
     assert {name.removesuffix(".yaml") for name in found["presets"]} == PRESETS
-    assert found["configs"] == ["demo_clipped.yaml", "demo_unclipped.yaml"]
+    assert found["configs"] == ["demo_clipped.yaml", "demo_lm.yaml", "demo_unclipped.yaml"]
     assert found["py_typed"] is True
     assert found["license_files"] and found["license"] == "Apache-2.0"
     core = [req for req in found["requires"] if "extra ==" not in req]
