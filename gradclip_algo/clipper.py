@@ -115,7 +115,7 @@ class GradientClipper:
         selected, grads = with_grads(everything, self.exclusion, module)
         if not self._warned and (self.exclusion is not None or not selected):
             self._warn_about(everything, selected)
-        shards = local_shards([item.param for item in selected], module, grads, self.process_group)
+        shards = local_shards([param for _, param in selected], module, grads, self.process_group)
         if not shards.grads and shards.group is None:  # a sharded rank without grads still joins reductions
             return ClipStats.empty() if with_stats else None
         if self.nonfinite == "zero":
@@ -153,14 +153,14 @@ class GradientClipper:
         """Warn, once per clipper, where a setting or the input would make the call do nothing."""
         unmatched = self.exclusion.unmatched() if self.exclusion is not None else []
         if unmatched and everything:
-            examples = ", ".join(repr(n) for item in everything[:3] for n in item.names[:1])
+            examples = ", ".join(repr(n) for names, _ in everything[:3] for n in names[:1])
             warnings.warn(
                 f"exclude: pattern(s) {', '.join(map(repr, unmatched))} match no parameter name (names look "
                 f"like {examples}); nothing is excluded by them",
                 stacklevel=3,
             )
             self._warned = True
-        if everything and not selected and not any(item.param.requires_grad for item in everything):
+        if everything and not selected and not any(param.requires_grad for _, param in everything):
             warnings.warn(
                 f"parameters: none of the {len(everything)} tensors has a .grad or requires grad, so "
                 "nothing is clipped; pass the parameters (e.g. model.parameters()), not their gradients",
@@ -173,7 +173,7 @@ class GradientClipper:
     ) -> Exception:
         if module is not None and self.exclusion is None:  # names were not built on the fast path
             selected, grads = with_grads(collect(module), None)
-        pairs = [(item.names[0] if item.names else None, item.param) for item in selected]
+        pairs = [(names[0] if names else None, param) for names, param in selected]
         return nonfinite_error(pairs, grads, norm)
 
     def state_dict(self) -> dict[str, Any]:
@@ -259,8 +259,8 @@ def _checked_state(name: str, given: Any, fresh: State) -> State:
 
 def _skip_step(everything: list[Named], norm: Tensor) -> ClipStats:
     """Drop every grad, excluded ones too, so that the whole optimizer step is skipped."""
-    for item in everything:
-        item.param.grad = None
+    for _, param in everything:
+        param.grad = None
     return ClipStats.skipped_step(norm)
 
 

@@ -361,7 +361,7 @@ def _union_over_ranks(
     """
     from gradclip_algo.parameters import collect
 
-    everything = [item.param for item in collect(module, names=False)]
+    everything = [param for _, param in collect(module, names=False)]
     passed = {id(p) for p in params}
     flags = torch.tensor([id(p) in passed for p in everything], dtype=torch.int32, device=device)
     dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)

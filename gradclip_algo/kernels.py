@@ -121,24 +121,29 @@ def power_sums(tensors: list[Tensor], norm_type: float) -> Tensor:
 
 def _packs(tensors: list[Tensor], limit: int) -> Iterator[tuple[list[Tensor], tuple[int, ...], int]]:
     """``(pack, trailing shape, numel)``: runs of ``tensors`` (each of at most ``limit`` elements) that
-    concatenate along dim 0 into at most ``limit`` elements. Tensors of 2+ dims are grouped by shape;
-    0-D and 1-D ones form one group (0-D ones viewed as 1-D)."""
+    concatenate along dim 0 into at most ``limit`` elements. Tensors of 2+ dims are grouped by shape (a
+    shape's runs are cut without per-tensor sizes); 0-D and 1-D ones form one group (0-D ones as 1-D)."""
     by_shape: dict[torch.Size | None, list[Tensor]] = defaultdict(list)
     for tensor in tensors:
         by_shape[tensor.shape if tensor.ndim > 1 else None].append(tensor)
     for shape, group in by_shape.items():
-        trailing = () if shape is None else tuple(shape[1:])
+        if shape is not None:
+            per_pack = limit // shape.numel()
+            for start in range(0, len(group), per_pack):
+                pack = group[start : start + per_pack]
+                yield pack, tuple(shape[1:]), len(pack) * shape.numel()
+            continue
         pack: list[Tensor] = []
         size = 0
         for tensor in group:
             numel = tensor.numel()
             if pack and size + numel > limit:
-                yield pack, trailing, size
+                yield pack, (), size
                 pack, size = [], 0
             pack.append(tensor if tensor.ndim else tensor.view(1))
             size += numel
         if pack:
-            yield pack, trailing, size
+            yield pack, (), size
 
 
 def total_power_sum(tensors: list[Tensor], norm_type: float) -> Tensor:
@@ -152,17 +157,21 @@ def total_power_sum(tensors: list[Tensor], norm_type: float) -> Tensor:
     if not _has_cpu_kernel(first, norm_type):
         return _combine(_foreach_power_sums(tensors, norm_type), norm_type)
     numels = [t.numel() for t in tensors]
-    buffer_numel = _buffer_numel(PACK_NUMEL, sum(numels))
+    total = sum(numels)
+    buffer_numel = _buffer_numel(PACK_NUMEL, total)
     parts, packable, rest = [], [], []
     packed_numel = 0
-    for tensor, numel in zip(tensors, numels, strict=True):
-        if numel >= CPU_DOT_MIN_NUMEL and tensor.is_contiguous():
-            parts.append(_cpu_power_sum(tensor, norm_type))
-        elif 0 < numel <= buffer_numel:
-            packable.append(tensor)
-            packed_numel += numel
-        elif numel:
-            rest.append(tensor)
+    if 0 < min(numels) and max(numels) <= min(buffer_numel, CPU_DOT_MIN_NUMEL - 1):
+        packable, packed_numel = tensors, total  # the common case of many small tensors: all packed
+    else:
+        for tensor, numel in zip(tensors, numels, strict=True):
+            if numel >= CPU_DOT_MIN_NUMEL and tensor.is_contiguous():
+                parts.append(_cpu_power_sum(tensor, norm_type))
+            elif 0 < numel <= buffer_numel:
+                packable.append(tensor)
+                packed_numel += numel
+            elif numel:
+                rest.append(tensor)
     if len(packable) > 1:
         buffer = first.new_empty(min(buffer_numel, packed_numel))
         for pack, trailing, numel in _packs(packable, buffer.numel()):

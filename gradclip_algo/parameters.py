@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -40,12 +39,8 @@ def name_variants(name: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys((name, bare, stripped)))
 
 
-@dataclass(frozen=True)
-class Named:
-    """A parameter and every name it has (tied weights have several; bare tensors none)."""
-
-    names: tuple[str, ...]
-    param: Tensor
+Named = tuple[tuple[str, ...], Tensor]
+"""``(names, param)``: a parameter and every name it has (tied weights have several; bare tensors none)."""
 
 
 def _module_parameters(module: nn.Module) -> list[Tensor]:
@@ -94,15 +89,15 @@ def collect(parameters: Parameters, names: bool = True) -> list[Named]:
     if isinstance(parameters, nn.Module):
         parameters = _unwrapped_module(parameters)
         if not names:
-            return [Named((), param) for param in _module_parameters(parameters)]
+            return [((), param) for param in _module_parameters(parameters)]
         by_id: dict[int, Named] = {}
         for wrapped_name, param in parameters.named_parameters(remove_duplicate=False):
             name = unwrapped_name(wrapped_name)
             known = by_id.get(id(param))
-            by_id[id(param)] = Named((*known.names, name) if known else (name,), param)
+            by_id[id(param)] = ((*known[0], name) if known else (name,), param)
         return list(by_id.values())
     if isinstance(parameters, Tensor):
-        return [Named((), parameters)]
+        return [((), parameters)]
     if isinstance(parameters, torch.optim.Optimizer):
         raise TypeError(
             f"parameters: got an optimizer ({_kind(parameters)}); pass the model, or "
@@ -123,7 +118,7 @@ def collect(parameters: Parameters, names: bool = True) -> list[Named]:
             )
         known = unique.get(id(tensor))
         given = () if name is None else (name,)
-        unique[id(tensor)] = Named((*known.names, *given) if known else given, tensor)
+        unique[id(tensor)] = ((*known[0], *given) if known else given, tensor)
     if is_iterator and not unique:
         raise ValueError(
             "parameters: the iterator yielded no tensors (a generator such as model.parameters() can be "
@@ -152,14 +147,15 @@ def check_exclude(exclude: Exclude) -> list[str | Predicate]:
 
 
 def _names_in(module: nn.Module, param: Tensor) -> tuple[str, ...]:
-    return next((item.names for item in collect(module) if item.param is param), ())
+    return next((names for names, candidate in collect(module) if candidate is param), ())
 
 
 def _grad_error(item: Named, grad: Tensor, module: nn.Module | None) -> Exception:
     """The error for a grad that cannot be clipped (sparse, not floating-point, or on the meta device),
     naming its parameter (looked up in ``module`` where ``item`` carries no name)."""
-    names = item.names or (_names_in(module, item.param) if module is not None else ())
-    what = names[0] if names else f"a parameter of shape {tuple(item.param.shape)}"
+    names, param = item
+    names = names or (_names_in(module, param) if module is not None else ())
+    what = names[0] if names else f"a parameter of shape {tuple(param.shape)}"
     if grad.layout is not torch.strided:
         return TypeError(
             f"parameters: gradient of {what} has layout {grad.layout}; only dense (strided) gradients can "
@@ -188,15 +184,10 @@ def with_grads(
     for item in named:
         if excluded is not None and excluded(item):
             continue
-        grad = item.param.grad
+        grad = item[1].grad
         if grad is None:
             continue
-        if (
-            grad.layout is not torch.strided
-            or grad.dtype not in FLOATING
-            or grad.is_meta
-            or item.param.is_meta
-        ):
+        if grad.dtype not in FLOATING or grad.layout is not torch.strided or grad.is_meta:
             raise _grad_error(item, grad, module)
         selected.append(item)
         grads.append(grad)
@@ -211,19 +202,20 @@ class Exclusion:
         self.matched: set[str] = set()
 
     def __call__(self, item: Named) -> bool:
-        if not item.names:
+        names, param = item
+        if not names:
             raise ValueError(
                 "exclude: matching parameters by name needs names; pass the nn.Module itself or "
                 "model.named_parameters() instead of bare tensors"
             )
-        variants = [variant for name in item.names for variant in name_variants(name)]
+        variants = [variant for name in names for variant in name_variants(name)]
         hit = False
         for rule in self.rules:
             if isinstance(rule, str):
                 if any(fnmatch.fnmatchcase(variant, rule) for variant in variants):
                     self.matched.add(rule)
                     hit = True
-            elif any(bool(rule(name, item.param)) for name in item.names):
+            elif any(bool(rule(name, param)) for name in names):
                 hit = True
         return hit
 

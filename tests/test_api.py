@@ -63,13 +63,13 @@ def test_a_modules_parameters_are_found_as_torch_lists_them() -> None:
     model = nn.Sequential(nn.Embedding(10, 4), block, nn.Sequential(block, nn.LayerNorm(4)), nn.Linear(4, 10))
     model[3].weight = model[0].weight  # tied
     model.register_parameter("frozen", None)
-    found = [item.param for item in collect(model, names=False)]
+    found = [param for _, param in collect(model, names=False)]
     assert [id(p) for p in found] == [id(p) for p in model.parameters()]
     named = collect(model)
-    assert [id(item.param) for item in named] == [id(p) for p in model.parameters()]
-    assert [item.names[0] for item in named] == [name for name, _ in model.named_parameters()]
-    assert named[0].names == ("0.weight", "3.weight")  # a tied weight has both names
-    assert named[1].names == ("1.weight", "2.0.weight")
+    assert [id(param) for _, param in named] == [id(p) for p in model.parameters()]
+    assert [names[0] for names, _ in named] == [name for name, _ in model.named_parameters()]
+    assert named[0][0] == ("0.weight", "3.weight")  # a tied weight has both names
+    assert named[1][0] == ("1.weight", "2.0.weight")
 
 
 def test_modules_are_walked_without_hashing_them() -> None:
