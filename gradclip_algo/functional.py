@@ -28,7 +28,9 @@ def apply_gradient_clipping(
         **options: ``norm_type`` (norm; p > 0 or inf, default 2), ``eps`` (adaptive; weight-norm floor,
             default 1e-3), ``exclude`` (glob patterns on parameter names and/or predicates
             ``(name, param) -> bool``; needs names), ``nonfinite`` (one of ``NONFINITE_MODES``,
-            default ``'propagate'``), ``error_if_nonfinite`` (as in torch: same as ``nonfinite='error'``).
+            default ``'propagate'``), ``error_if_nonfinite`` (as in torch: same as ``nonfinite='error'``),
+            ``process_group`` (the group of pipeline stages the parameters are split across; see
+            :class:`~gradclip_algo.GradientClipper`).
 
         with_stats: ``False`` returns ``None`` and skips the statistics where they cost extra passes
             ('value' needs two norms and a count besides its clamp; 'norm' and 'adaptive' get theirs
