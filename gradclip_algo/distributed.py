@@ -27,7 +27,6 @@ every rank of a stage), never from which local pieces happen to be non-empty.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -117,6 +116,9 @@ class Shards:
     unit_groups: list[tuple[dist.ProcessGroup, ...]] = field(default_factory=list)  # per tensor
     stages: dist.ProcessGroup | None = None  # pipeline stages
     _norms: dict[float, Tensor] = field(default_factory=dict, init=False, repr=False)
+    _groups: list[tuple[dist.ProcessGroup, list[bool]]] = field(default_factory=list, init=False, repr=False)
+    """Every process group of every way, in the order of the model's structure (the same order on every
+    rank), each with which ways it belongs to (a plain field: ``torch.compile`` traces through it)."""
 
     def __post_init__(self) -> None:
         if not self.reduction:
@@ -125,6 +127,12 @@ class Shards:
             object.__setattr__(self, "unit_reduction", list(self.reduction))
         if not self.unit_groups:
             object.__setattr__(self, "unit_groups", [()] * len(self.grads))
+        found: dict[int, tuple[dist.ProcessGroup, list[bool]]] = {}
+        for k, way in enumerate(self.ways):
+            for group in way:
+                entry = found.setdefault(id(group), (group, [False] * len(self.ways)))
+                entry[1][k] = True
+        object.__setattr__(self, "_groups", list(found.values()))
 
     @property
     def device(self) -> torch.device:
@@ -134,17 +142,6 @@ class Shards:
     def group(self) -> dist.ProcessGroup | None:
         """A process group this rank reduces over (``None``: nothing is reduced, every sum is local)."""
         return next((group for way in self.ways for group in way), self.stages)
-
-    @functools.cached_property
-    def _groups(self) -> list[tuple[dist.ProcessGroup, list[bool]]]:
-        """Every process group of every way, in the order of the model's structure (the same order on
-        every rank), each with which ways it belongs to."""
-        found: dict[int, tuple[dist.ProcessGroup, list[bool]]] = {}
-        for k, way in enumerate(self.ways):
-            for group in way:
-                entry = found.setdefault(id(group), (group, [False] * len(self.ways)))
-                entry[1][k] = True
-        return list(found.values())
 
     # ---- reductions ---------------------------------------------------------------------------------
 

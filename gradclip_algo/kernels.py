@@ -161,7 +161,7 @@ def total_power_sum(tensors: list[Tensor], norm_type: float) -> Tensor:
     buffer_numel = _buffer_numel(PACK_NUMEL, total)
     parts, packable, rest = [], [], []
     packed_numel = 0
-    if 0 < min(numels) and max(numels) <= min(buffer_numel, CPU_DOT_MIN_NUMEL - 1):
+    if min(numels) > 0 and max(numels) <= min(buffer_numel, CPU_DOT_MIN_NUMEL - 1):
         packable, packed_numel = tensors, total  # the common case of many small tensors: all packed
     else:
         for tensor, numel in zip(tensors, numels, strict=True):

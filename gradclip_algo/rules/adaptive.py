@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass
 from functools import partial
 
@@ -94,7 +93,7 @@ def adaptive_clip(shards: Shards, clipping: float, options: AdaptiveOptions) -> 
     whole = [i for i, units_whole in enumerate(shards.units_whole) if units_whole]
     held = max(1, sum(shards.grads[i].numel() for i in whole) // (kernels.MEMORY_SHARE * 4))
     # unit statistics summed per way the tensors are split (Shards.reduction; 0: whole on this rank)
-    sums: dict[int, _UnitStatsSum] = defaultdict(lambda: _UnitStatsSum(held))
+    sums = {way: _UnitStatsSum(held) for way in {*shards.reduction, *shards.unit_reduction}}
     spread = [i for i, units_whole in enumerate(shards.units_whole) if not units_whole]
     if spread:
         for i, (grad_norms, coef) in zip(
