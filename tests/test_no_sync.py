@@ -8,33 +8,17 @@ same for real synchronisations.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
-from conftest import MixedModel, grads, random_grads, twin
+from conftest import HostSyncError, MixedModel, grads, random_grads, twin
 from torch import Tensor
 
 from gradclip_algo import GradientClipper, apply_gradient_clipping
-
-CONVERSIONS = (
-    "item",
-    "tolist",
-    "numpy",
-    "__bool__",
-    "__float__",
-    "__int__",
-    "__index__",
-    "__complex__",
-    "__array__",
-)
-"""Tensor methods that copy a value to the host."""
-DATA_DEPENDENT = ("nonzero", "argwhere", "masked_select", "unique", "equal", "allclose", "is_nonzero")
-"""Ops whose output shape or Python result depends on the values (a GPU sync), as methods and functions."""
 
 NO_SYNC_CASES = [
     pytest.param("norm", 1.0, {"norm_type": 1.0}, id="norm-p1"),
@@ -44,44 +28,6 @@ NO_SYNC_CASES = [
     pytest.param("adaptive", 0.01, {}, id="adaptive"),
     pytest.param("norm", 1.0, {"nonfinite": "zero", "exclude": "norm.*"}, id="norm-zero-exclude"),
 ]
-
-
-class HostSyncError(AssertionError):
-    """A tensor was read back to the host inside the guarded block."""
-
-
-def _raiser(name: str) -> Callable[..., Any]:
-    def raise_sync(*args: Any, **kwargs: Any) -> Any:
-        raise HostSyncError(f"host sync inside the clipping call: {name}")
-
-    return raise_sync
-
-
-def _getitem_without_masks(original: Callable[[Tensor, Any], Tensor]) -> Callable[[Tensor, Any], Tensor]:
-    def getitem(self: Tensor, index: Any) -> Tensor:
-        parts = index if isinstance(index, tuple) else (index,)
-        if any(isinstance(p, Tensor) and p.dtype in (torch.bool, torch.uint8) for p in parts):
-            raise HostSyncError("host sync inside the clipping call: boolean-mask indexing")
-        return original(self, index)
-
-    return getitem
-
-
-@pytest.fixture
-def no_host_sync(monkeypatch: pytest.MonkeyPatch) -> Callable[[], contextlib.AbstractContextManager[None]]:
-    """A context manager inside which any read of a tensor into Python raises ``HostSyncError``."""
-
-    @contextlib.contextmanager
-    def guard() -> Iterator[None]:
-        with monkeypatch.context() as patch:
-            for name in CONVERSIONS + DATA_DEPENDENT:
-                patch.setattr(torch.Tensor, name, _raiser(f"Tensor.{name}"))
-            for name in DATA_DEPENDENT:
-                patch.setattr(torch, name, _raiser(f"torch.{name}"))
-            patch.setattr(torch.Tensor, "__getitem__", _getitem_without_masks(torch.Tensor.__getitem__))
-            yield
-
-    return guard
 
 
 SYNCING_CALLS: dict[str, Callable[[Tensor], object]] = {

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 
 import pytest
 import torch
+from conftest import Guard
 from torch import nn
 
 from gradclip_algo import GradientClipper
@@ -16,27 +16,9 @@ from gradclip_algo import GradientClipper
 SHAPES = [(4, 3), (5,), (2, 2, 2)]
 SHARES = [3 / 13, 4 / 13, 12 / 13]  # each tensor's share of the global norm (squares sum to 1)
 EPS = 1e-6
+
+
 # Conversions of a tensor to a Python value: each one waits for the device.
-HOST_SYNCS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")
-
-
-@contextlib.contextmanager
-def no_host_sync() -> Iterator[None]:
-    """Make every tensor -> Python conversion raise while the block runs."""
-
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise AssertionError("host sync: a tensor was read as a Python value")
-
-    saved = {name: getattr(torch.Tensor, name) for name in HOST_SYNCS}
-    try:
-        for name in HOST_SYNCS:
-            setattr(torch.Tensor, name, refuse)
-        yield
-    finally:
-        for name, method in saved.items():
-            setattr(torch.Tensor, name, method)
-
-
 def make_params() -> list[nn.Parameter]:
     return [nn.Parameter(torch.zeros(shape)) for shape in SHAPES]
 
@@ -60,8 +42,11 @@ def assert_scaled(params: list[nn.Parameter], before: list[torch.Tensor], coefs:
         torch.testing.assert_close(param.grad.double(), grad * coef, rtol=2e-6, atol=1e-9)
 
 
-def run_global(clipper: GradientClipper, norms: Sequence[float], expected_coefs: Sequence[float]) -> None:
-    """Step through global norms ``norms``; each step every grad must be scaled by its expected coef."""
+def run_global(
+    clipper: GradientClipper, norms: Sequence[float], expected_coefs: Sequence[float], no_host_sync: Guard
+) -> None:
+    """Step through global norms ``norms``; each step every grad must be scaled by its expected coef, with
+    no host sync (``no_host_sync``: the guard of ``conftest.py``)."""
     params = make_params()
     for step, (norm, coef) in enumerate(zip(norms, expected_coefs, strict=True)):
         before = set_grads(params, [norm * share for share in SHARES])
@@ -154,21 +139,25 @@ NORMS = [1.0, 1.3, 0.8, 1.1, 6.0, 0.9, 1.2, 40.0, 1.0, 0.7, 1.05, 3.0, 1.1]
 @pytest.mark.parametrize(
     ("percentile_p", "window", "ceiling"), [(10, 4, math.inf), (50, 5, 2.0), (90, 100, 1.0)]
 )
-def test_quantile_matches_autoclip(percentile_p: float, window: int, ceiling: float) -> None:
+def test_quantile_matches_autoclip(
+    percentile_p: float, window: int, ceiling: float, no_host_sync: Guard
+) -> None:
     clipper = GradientClipper("quantile", ceiling, percentile=percentile_p, window=window)
-    run_global(clipper, NORMS, autoclip_reference(NORMS, percentile_p, window, ceiling))
+    run_global(clipper, NORMS, autoclip_reference(NORMS, percentile_p, window, ceiling), no_host_sync)
 
 
-def test_quantile_first_step_is_not_clipped_and_history_holds_the_norms() -> None:
+def test_quantile_first_step_is_not_clipped_and_history_holds_the_norms(no_host_sync: Guard) -> None:
     clipper = GradientClipper("quantile", math.inf, window=3)
-    run_global(clipper, [5.0, 1.0, 2.0, 7.0], autoclip_reference([5.0, 1.0, 2.0, 7.0], 10, 3, math.inf))
+    run_global(
+        clipper, [5.0, 1.0, 2.0, 7.0], autoclip_reference([5.0, 1.0, 2.0, 7.0], 10, 3, math.inf), no_host_sync
+    )
     state = clipper.state_dict()["rule"]
     assert state["count"].item() == 4
     assert sorted(state["norms"].tolist()) == pytest.approx([1.0, 2.0, 7.0])
 
 
 @pytest.mark.parametrize(("warmup", "ceiling"), [(3, math.inf), (4, 1.2), (2, 50.0)])
-def test_zscore_matches_zclip(warmup: int, ceiling: float) -> None:
+def test_zscore_matches_zclip(warmup: int, ceiling: float, no_host_sync: Guard) -> None:
     clipper = GradientClipper("zscore", ceiling, warmup_steps=warmup)
     coefs, states = zclip_reference(NORMS, ceiling, 0.97, 2.5, warmup)
     params = make_params()
@@ -183,7 +172,7 @@ def test_zscore_matches_zclip(warmup: int, ceiling: float) -> None:
         assert state["var"].item() == pytest.approx(var, rel=1e-4, abs=1e-9)
 
 
-def test_zscore_clips_an_outlier_below_the_plain_mu_plus_z_sigma_bound() -> None:
+def test_zscore_clips_an_outlier_below_the_plain_mu_plus_z_sigma_bound(no_host_sync: Guard) -> None:
     """The reciprocal rule: tau = mu + z_t^2 sigma / z < mu + z_t sigma, and a larger spike is cut harder."""
     norms = [1.0, 1.2, 0.8, 1.1, 0.9]
     coefs, states = zclip_reference([*norms, 10.0], math.inf, 0.97, 2.5, 5)
@@ -191,11 +180,11 @@ def test_zscore_clips_an_outlier_below_the_plain_mu_plus_z_sigma_bound() -> None
     clipped = 10.0 * coefs[-1]
     assert mean < clipped < mean + 2.5 * math.sqrt(var)
     clipper = GradientClipper("zscore", math.inf, warmup_steps=5)
-    run_global(clipper, [*norms, 10.0], coefs)
+    run_global(clipper, [*norms, 10.0], coefs, no_host_sync)
 
 
 @pytest.mark.parametrize(("warmup", "lam_abs"), [(3, 2.0), (1, math.inf), (5, 1.5)])
-def test_adagc_matches_reference(warmup: int, lam_abs: float) -> None:
+def test_adagc_matches_reference(warmup: int, lam_abs: float, no_host_sync: Guard) -> None:
     gen = torch.Generator().manual_seed(1)
     tensor_norms = (0.5 + torch.rand(12, len(SHAPES), generator=gen, dtype=torch.float64)).tolist()
     tensor_norms[1][2] = 4.0  # a spike during warm-up (global clipping)
@@ -491,129 +480,3 @@ def test_repr_names_the_statistics_settings() -> None:
         "GradientClipper(clipping_type='zscore', clipping_threshold=inf, alpha=0.97, z_threshold=2.5, "
         "warmup_steps=25)"
     )
-
-
-# ---- distributed: the statistics are the same on every rank and equal to one process's -----------------
-
-DISTRIBUTED_CASES = {
-    "quantile": ("quantile", math.inf, {"window": 3}),
-    "zscore": ("zscore", math.inf, {"warmup_steps": 2}),
-    "adagc": ("adagc", 0.5, {"warmup_steps": 2}),
-    "spikes": ("norm", 10.0, {"skip_spikes": 2.0, "spike_window": 4}),
-}
-DISTRIBUTED_STEPS = 7
-
-
-def _tiny_model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
-
-
-def _batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rank ``rank``'s half of step ``step``'s batch of 8; step 4 is a spike."""
-    gen = torch.Generator().manual_seed(step)
-    inputs, targets = torch.randn(8, 6, generator=gen), torch.randn(8, 3, generator=gen)
-    if step == 4:
-        targets = targets * 30
-    return inputs[4 * rank : 4 * rank + 4], targets[4 * rank : 4 * rank + 4]
-
-
-def _whole_grads(model: nn.Module) -> list[torch.Tensor]:
-    """Copies of the unsharded grads (``full_tensor()`` of FSDP2's DTensors: a collective)."""
-    return [getattr(p.grad, "full_tensor", p.grad.clone)() for p in model.parameters()]
-
-
-def _clip_steps(clipper: GradientClipper, model: nn.Module, set_grads_of_step: Callable[[int], None]) -> dict:
-    norms, skipped = [], []
-    for step in range(DISTRIBUTED_STEPS):
-        set_grads_of_step(step)
-        stats = clipper(model)
-        norms += [stats.grad_norm.item(), stats.clipped_grad_norm.item()]
-        skipped.append(stats.skipped)
-    return {"norms": norms, "skipped": skipped, "state": clipper.state_dict()}
-
-
-def _run_case(model: nn.Module, case: str, rank: int) -> dict[str, object]:
-    """Clip the grads of real backward passes; also return the whole grads each step got before clipping."""
-    clipping_type, threshold, options = DISTRIBUTED_CASES[case]
-    whole: list[list[torch.Tensor]] = []
-
-    def backward(step: int) -> None:
-        model.zero_grad(set_to_none=True)
-        inputs, targets = _batch(step, rank)
-        nn.functional.mse_loss(model(inputs), targets).backward()
-        whole.append(_whole_grads(model))
-
-    result = _clip_steps(GradientClipper(clipping_type, threshold, **options), model, backward)
-    return {**result, "grads": whole}
-
-
-def _replay_case(case: str, grads: list[list[torch.Tensor]]) -> dict[str, object]:
-    """One process clipping the same whole grads."""
-    clipping_type, threshold, options = DISTRIBUTED_CASES[case]
-    model = _tiny_model()
-
-    def assign(step: int) -> None:
-        for param, grad in zip(model.parameters(), grads[step], strict=True):
-            param.grad = grad.clone()
-
-    return _clip_steps(GradientClipper(clipping_type, threshold, **options), model, assign)
-
-
-def _distributed_worker(rank: int, init_file: str, out_dir: str) -> None:
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    torch.set_num_threads(1)
-    results = {}
-    for case in DISTRIBUTED_CASES:
-        results["ddp", case] = _run_case(nn.parallel.DistributedDataParallel(_tiny_model()), case, rank)
-        model = _tiny_model()
-        for layer in (model[0], model[2]):
-            fully_shard(layer, mesh=init_device_mesh("cpu", (2,)))
-        fully_shard(model, mesh=init_device_mesh("cpu", (2,)))
-        results["fsdp2", case] = _run_case(model, case, rank)
-    torch.save(results, f"{out_dir}/rank{rank}.pt")
-    dist.destroy_process_group()
-
-
-def test_statistics_are_identical_on_every_rank_under_ddp_and_fsdp2(tmp_path: object) -> None:
-    import torch.multiprocessing as mp
-
-    mp.spawn(_distributed_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
-    for case in DISTRIBUTED_CASES:
-        for layout in ("ddp", "fsdp2"):
-            first, second = ranks[0][layout, case], ranks[1][layout, case]
-            assert _states_equal(first, second), (layout, case)
-            reference = _replay_case(case, first["grads"])
-            assert any(reference["skipped"]) == (case == "spikes")
-            assert first["skipped"] == reference["skipped"], (layout, case)
-            assert first["norms"] == pytest.approx(reference["norms"], rel=1e-5), (layout, case)
-            for part, state in reference["state"].items():
-                for key, value in state.items():
-                    torch.testing.assert_close(
-                        first["state"][part][key], value, rtol=1e-5, atol=0, equal_nan=True
-                    )
-
-
-def _states_equal(first: dict, second: dict) -> bool:
-    """Bitwise equal norms, skips and state tensors (NaN slots of an unfilled window included)."""
-    return (
-        first["norms"] == second["norms"]
-        and first["skipped"] == second["skipped"]
-        and all(
-            torch.equal(value.nan_to_num(), second["state"][part][key].nan_to_num())
-            for part, state in first["state"].items()
-            for key, value in state.items()
-        )
-    )
-
-
-def test_the_sync_guard_catches_conversions() -> None:
-    with no_host_sync():
-        for convert in (torch.Tensor.item, bool, float, int):
-            with pytest.raises(AssertionError, match="host sync"):
-                convert(torch.ones(()))
