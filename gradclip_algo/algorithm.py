@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.optim import Optimizer
 
 from gradclip_algo.extras import missing_extra
 
@@ -24,11 +25,12 @@ except ModuleNotFoundError as err:
     raise missing_extra(err, "gradclip_algo.GradClipAlgo") from None
 
 from gradclip_algo.clipper import GradientClipper
+from gradclip_algo.folding import supports_folding
 from gradclip_algo.layer_norms import LayerGradNorms, grad_norms_by_name, norm_metrics
 from gradclip_algo.nonfinite import NonFiniteGradError
 from gradclip_algo.rules import RULES
 from gradclip_algo.stats import ClipStats
-from gradclip_algo.validation import check_int
+from gradclip_algo.validation import check_bool, check_int
 
 METRIC_PREFIX = "gradient_clipping"
 COUNTERS = ("steps_since_log", "clipped_steps", "skipped_steps")
@@ -138,6 +140,13 @@ class GradClipAlgo(Algorithm):
     ``gradient_clipping/l2_norm/grad_block/<block>`` for every block; ``last_layer_norms`` holds the
     latest :class:`~gradclip_algo.layer_norms.LayerGradNorms`. Other steps do not compute them.
 
+    ``fold_into_optimizer`` (default ``True``): where every optimizer of the Trainer is one of torch's fused
+    optimizers (``fused=True``) and the fold is exact (no fp16 AMP, no ``exclude``d
+    parameter, no DTensor grads), the norm-based types hand their factor to ``optimizer.step()`` as its
+    ``grad_scale`` and skips become its ``found_inf``, so clipping costs one read of the grads and skipping
+    no host sync (:mod:`gradclip_algo.folding`). Callbacks that read ``.grad`` after
+    ``AFTER_TRAIN_BATCH`` and before the step then see the unclipped grads. ``False`` always rescales.
+
     Steps that are not logged do not synchronise with the device (the counters stay device tensors) unless
     an option needs it (``nonfinite='error'`` or ``'skip'``, ``skip_spikes``).
     ``last_stats`` holds the latest ``ClipStats`` for callbacks. ``state_dict()`` holds the clipper's
@@ -151,6 +160,7 @@ class GradClipAlgo(Algorithm):
         clipping_threshold: float = REQUIRED,
         log_interval: int = 1,
         log_layer_norms: int | None = None,
+        fold_into_optimizer: bool = True,
         **options: Any,
     ) -> None:
         super().__init__()
@@ -162,6 +172,7 @@ class GradClipAlgo(Algorithm):
             self.log_layer_norms = (
                 None if log_layer_norms is None else check_int("log_layer_norms", log_layer_norms, 1)
             )
+            self.fold_into_optimizer = check_bool("fold_into_optimizer", fold_into_optimizer)
         except (TypeError, ValueError) as err:
             hint = (
                 _threshold_hint(clipping_type, clipping_threshold) if "clipping_threshold" in str(err) else ""
@@ -200,18 +211,28 @@ class GradClipAlgo(Algorithm):
         self._set_nonfinite_mode(fp16)
         layer_norms = self._layer_norms(state, batch)  # before clipping, on logging steps only
         try:
-            stats = self.clipper(state.model)
+            stats = self.clipper(state.model, fold_into=self._fold_targets(state, fp16))
         except NonFiniteGradError as err:
             raise NonFiniteGradError(f"batch {batch}: {err}", err.param_name) from err
         self.last_stats = stats
         self._steps_since_log += 1
         self._clipped_steps = self._clipped_steps + (stats.clipped_fraction > 0).to(torch.int64)
-        if stats.skipped:
+        if isinstance(stats.skipped, Tensor):  # folded into the optimizers' found_inf
+            self._skipped_steps = self._skipped_steps + stats.skipped.to(torch.int64)
+        elif stats.skipped:
             self._skipped_steps = self._skipped_steps + 1
         elif fp16:  # the GradScaler skips the step when a grad is inf or NaN
             self._skipped_steps = self._skipped_steps + (~torch.isfinite(stats.grad_norm)).to(torch.int64)
         self._pending = stats
         self._pending_layer_norms = layer_norms
+
+    def _fold_targets(self, state: State, fp16: bool) -> tuple[Optimizer, ...]:
+        """The optimizers to fold into: all of the Trainer's when every one reads ``grad_scale`` and
+        ``found_inf``; none under fp16 AMP (the GradScaler owns them) or with ``fold_into_optimizer=False``."""
+        optimizers = tuple(state.optimizers)
+        if not self.fold_into_optimizer or fp16:
+            return ()
+        return optimizers if all(map(supports_folding, optimizers)) else ()
 
     def _layer_norms(self, state: State, batch: int) -> LayerGradNorms | None:
         """Per-parameter grad norms (device tensors) when ``log_layer_norms`` is set and this step logs
@@ -309,5 +330,6 @@ class GradClipAlgo(Algorithm):
             f"clipping_threshold={self.clipper.clipping_threshold!r}, "
             f"log_interval={self.log_interval!r}"
             + ("" if self.log_layer_norms is None else f", log_layer_norms={self.log_layer_norms!r}")
+            + ("" if self.fold_into_optimizer else ", fold_into_optimizer=False")
             + f"{options})"
         )

@@ -14,14 +14,18 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.optim import Optimizer
 
 from gradclip_algo.distributed import Shards, check_process_group, local_shards
-from gradclip_algo.nonfinite import NONFINITE_MODES, nonfinite_error, on_any_rank, zero_nonfinite_
+from gradclip_algo.folding import FoldPlan, Optimizers, check_fold_into, hand_to_step
+from gradclip_algo.nonfinite import NONFINITE_MODES, any_rank, nonfinite_error, zero_nonfinite_
 from gradclip_algo.norm_history import check_history
+from gradclip_algo.norms import scale_grads_
 from gradclip_algo.parameters import Exclusion, Named, Parameters, collect, with_grads
 from gradclip_algo.rules import CLIPPING_TYPES, RULES, State
 from gradclip_algo.spikes import (
@@ -59,7 +63,14 @@ class GradientClipper:
     ``skip_spikes=k`` (any type; default ``None``: off) skips the step when the global grad norm exceeds
     the mean of the last ``spike_window`` (default 128) norms by more than k standard deviations: every
     grad becomes ``None`` and ``ClipStats.skipped`` is ``True`` (see :mod:`gradclip_algo.spikes`; one host
-    sync per step).
+    sync per step unless folded).
+
+    ``fold_into`` (Python only; default ``None``): the optimizer, or list of optimizers, whose next
+    ``step()`` follows each call. Where they are torch's fused optimizers (``fused=True``) and step exactly
+    the clipped parameters, the factor of the norm-based types becomes their ``grad_scale`` and a skip their
+    ``found_inf`` (no host sync, grads not set to ``None``); ``.grad`` holds the unclipped grads until
+    ``step()``, which writes the clipped ones back. A call that cannot fold rescales the grads as usual, and
+    the first such call warns. Details: :mod:`gradclip_algo.folding`.
 
     ``process_group`` (Python only; default ``None``): the group of ranks across which the model's
     parameters are split into pipeline stages; norms, statistics and skip decisions are then global
@@ -69,7 +80,14 @@ class GradientClipper:
     tensors neither have a grad nor require one (gradients passed in place of parameters).
     """
 
-    def __init__(self, clipping_type: str, clipping_threshold: float, **options: Any) -> None:
+    def __init__(
+        self,
+        clipping_type: str,
+        clipping_threshold: float,
+        *,
+        fold_into: Optimizer | Optimizers | None = None,
+        **options: Any,
+    ) -> None:
         check_choice("clipping_type", clipping_type, CLIPPING_TYPES)
         self.clipping_type = clipping_type
         self.rule = RULES[clipping_type]
@@ -98,18 +116,29 @@ class GradientClipper:
         self.process_group = check_process_group("process_group", options.get("process_group"))
         self.stateful = self.rule.update is not None or self.skip_spikes is not None
         """Whether the clipper keeps statistics from call to call (a stateful rule, or spike skipping)."""
+        self.fold_into = check_fold_into("fold_into", fold_into)
         self.state: State | None = None
         self.spike_state: State | None = None
         self._warned = False
+        self._warned_fold = False
 
     @torch.no_grad()
-    def __call__(self, parameters: Parameters, with_stats: bool = True) -> ClipStats | None:
-        """Clip the grads of ``parameters`` in place and return what was done.
+    def __call__(
+        self,
+        parameters: Parameters,
+        with_stats: bool = True,
+        *,
+        fold_into: Optimizer | Optimizers | None = None,
+    ) -> ClipStats | None:
+        """Clip the grads of ``parameters`` in place, or fold the clipping into the optimizers' next step,
+        and return what was done.
 
         ``with_stats=False`` returns ``None`` and skips the statistics where they cost extra passes over
         the grads ('value': its norms and clipped count); the clipping itself is the same.
+        ``fold_into``: the optimizers of this call, in place of the clipper's own (``()``: none).
         """
         check_bool("with_stats", with_stats)
+        optimizers = self.fold_into if fold_into is None else check_fold_into("fold_into", fold_into)
         module = parameters if isinstance(parameters, nn.Module) else None
         everything = collect(parameters, names=self.exclusion is not None)
         selected, grads = with_grads(everything, self.exclusion, module)
@@ -118,36 +147,98 @@ class GradientClipper:
         shards = local_shards([param for _, param in selected], module, grads, self.process_group)
         if not shards.grads and shards.group is None:  # a sharded rank without grads still joins reductions
             return ClipStats.empty() if with_stats else None
+        plan = self._plan(optimizers, everything, selected, shards)
+        skip: Tensor | None = None  # a skip decided on the device, for the optimizers' found_inf
         if self.nonfinite == "zero":
             zero_nonfinite_(shards.grads)
         elif self.nonfinite in ("error", "skip"):
             norm = shards.global_norm(self.options.stats_norm_type)
-            if on_any_rank(~torch.isfinite(norm)):  # the host sync these modes need
+            nonfinite = any_rank(~torch.isfinite(norm))
+            if self.nonfinite == "skip" and plan.skip:
+                skip = nonfinite
+            elif bool(nonfinite):  # the host sync these modes need unless folded
                 if self.nonfinite == "error":
                     raise self._nonfinite_error(selected, grads, module, norm)
                 return _skip_step(everything, norm)
         if self.skip_spikes is not None:
-            if self.spike_state is None:
-                self.spike_state = init_spike_state(shards.device, self.spike_window)
-            _move_to_(self.spike_state, shards.device)
-            norm = shards.global_norm(2.0)
-            if bool(is_spike_(norm, self.spike_state, self.skip_spikes)):  # the host sync skipping needs
-                return _skip_step(everything, norm)
+            judged = self._judge_spike(shards, everything, plan, skip)
+            if isinstance(judged, ClipStats):
+                return judged if with_stats else None
+            skip = judged
+        stats = self._clip(shards, with_stats, skip)
+        coefficient = None if stats is None else stats.coefficient
+        if coefficient is not None and not plan.factor:
+            scale_grads_(shards.grads, coefficient)
+        if optimizers:
+            hand_to_step(optimizers, coefficient if plan.factor else None, skip)
+        if stats is None or not with_stats:
+            return None
+        stats = replace(stats, folded=(plan.factor and coefficient is not None) or skip is not None)
+        return stats if skip is None else stats.skipped_where(skip)
+
+    def _plan(
+        self, optimizers: Optimizers, everything: list[Named], selected: list[Named], shards: Shards
+    ) -> FoldPlan:
+        """What this call folds into ``optimizers`` (see :class:`~gradclip_algo.folding.FoldPlan`); a skip of
+        a stateful rule only once its state exists. Warns once when the clipper's own ``fold_into`` cannot
+        be folded into."""
+        if not optimizers:
+            return FoldPlan()
+        plan = FoldPlan.make(
+            optimizers,
+            [param for _, param in selected],
+            [param for _, param in everything if param.grad is not None],
+            local=shards.layout == "local",
+        )
+        if plan.skip and self.rule.init is not None and self.state is None:
+            plan = replace(plan, skip=False)
+        if plan.why_not and self.fold_into and not self._warned_fold:
+            warnings.warn(
+                f"fold_into: the clipping is not folded into the optimizer: {plan.why_not}; the grads are "
+                "rescaled instead",
+                stacklevel=3,
+            )
+            self._warned_fold = True
+        return plan
+
+    def _judge_spike(
+        self, shards: Shards, everything: list[Named], plan: FoldPlan, skip: Tensor | None
+    ) -> Tensor | ClipStats | None:
+        """Judge the global L2 norm against the spike window. Returns the skip flag for the optimizers
+        where the plan folds skips, else the stats of a step skipped here (one host sync), or ``skip``.
+
+        A step already skipped for non-finite grads is not judged: the window stays as it was."""
+        if self.spike_state is None:
+            self.spike_state = init_spike_state(shards.device, self.spike_window)
+        _move_to_(self.spike_state, shards.device)
+        norm = shards.global_norm(2.0)
+        window = None if skip is None else _copy(self.spike_state)
+        spike = is_spike_(norm, self.spike_state, self.skip_spikes)
+        if window is not None and skip is not None:
+            _keep_where_(self.spike_state, window, skip)
+        if plan.skip:
+            return spike if skip is None else skip | spike
+        if bool(spike):  # the host sync skipping needs unless folded
+            return _skip_step(everything, norm)
+        return skip
+
+    def _clip(self, shards: Shards, with_stats: bool, skip: Tensor | None) -> ClipStats | None:
+        """The rule on ``shards`` (without statistics where the rule has such a mode and none are asked
+        for); a stateful rule's state is made at the first call, and left as it was where ``skip``."""
         if not with_stats and self.rule.clip_without_stats is not None:
             self.rule.clip_without_stats(shards, self.clipping_threshold)
             return None
-        stats = self._clip(shards)
-        return stats if with_stats else None
-
-    def _clip(self, shards: Shards) -> ClipStats:
-        """The rule on ``shards``; a stateful rule's state is made at the first call."""
         if self.rule.clip is not None:
             return self.rule.clip(shards, self.clipping_threshold, self.options)
         assert self.rule.init is not None and self.rule.update is not None
         if self.state is None:
             self.state = self.rule.init(self.options, shards.device)
         _move_to_(self.state, shards.device)
-        return self.rule.update(shards, self.clipping_threshold, self.options, self.state)
+        before = None if skip is None else _copy(self.state)
+        stats = self.rule.update(shards, self.clipping_threshold, self.options, self.state)
+        if before is not None and skip is not None:
+            _keep_where_(self.state, before, skip)
+        return stats
 
     def _warn_about(self, everything: list[Named], selected: list[Named]) -> None:
         """Warn, once per clipper, where a setting or the input would make the call do nothing."""
@@ -262,6 +353,16 @@ def _skip_step(everything: list[Named], norm: Tensor) -> ClipStats:
     for _, param in everything:
         param.grad = None
     return ClipStats.skipped_step(norm)
+
+
+def _copy(state: State) -> State:
+    return {key: value.clone() for key, value in state.items()}
+
+
+def _keep_where_(state: State, before: State, keep: Tensor) -> None:
+    """Put back the values of ``before`` where the device flag ``keep`` is true; no host sync."""
+    for key, value in state.items():
+        value.copy_(torch.where(keep, before[key], value))
 
 
 def _move_to_(state: State, device: torch.device) -> None:

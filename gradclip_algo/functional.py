@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
+
+from torch.optim import Optimizer
 
 from gradclip_algo.clipper import GradientClipper
 from gradclip_algo.parameters import Parameters
@@ -15,6 +18,7 @@ def apply_gradient_clipping(
     clipping_threshold: float,
     *,
     with_stats: bool = True,
+    fold_into: Optimizer | Sequence[Optimizer] | None = None,
     **options: Any,
 ) -> ClipStats | None:
     """Clip the gradients of ``parameters`` in place; call it between ``backward()`` and ``step()``.
@@ -35,16 +39,22 @@ def apply_gradient_clipping(
         with_stats: ``False`` returns ``None`` and skips the statistics where they cost extra passes
             ('value' needs two norms and a count besides its clamp; 'norm' and 'adaptive' get theirs
             from the clipping itself).
+        fold_into: the optimizer (or optimizers) that steps these parameters next. Where it is one of
+            torch's fused optimizers (``fused=True``) and steps exactly the clipped parameters, ``'norm'``
+            hands its factor to that ``step()`` as ``grad_scale`` instead of rescaling the grads, and a
+            ``nonfinite='skip'`` skip becomes its ``found_inf`` (no host sync); ``.grad`` then holds the
+            unclipped grads until ``step()``. Otherwise the grads are rescaled, with a warning (see
+            :mod:`gradclip_algo.folding`).
 
     Returns:
         :class:`ClipStats` with 0-d device tensors. No host sync happens unless ``nonfinite`` is
-        ``'error'`` or ``'skip'`` (one sync each call to decide).
+        ``'error'`` or ``'skip'`` (one sync each call to decide; none for a folded skip).
 
     Raises:
         TypeError, ValueError: for a bad argument, naming it, its value and what is allowed, before any
             grad changes.
     """
-    clipper = GradientClipper(clipping_type, clipping_threshold, **options)
+    clipper = GradientClipper(clipping_type, clipping_threshold, fold_into=fold_into, **options)
     if clipper.stateful:
         raise ValueError(
             f"clipping_type={clipping_type!r} with these options keeps statistics across steps, which a "

@@ -20,12 +20,14 @@ NONFINITE_MODES = ("propagate", "error", "skip", "zero")
   or saying that the total norm of finite grads overflowed (as torch's ``error_if_nonfinite`` raises
   then too); the grads are left as they were.
 - ``skip``: set the grad of every parameter (excluded ones too) to ``None``, so ``optimizer.step()``
-  leaves weights and optimizer state untouched; ``ClipStats.skipped`` is ``True``.
+  leaves weights and optimizer state untouched; ``ClipStats.skipped`` is ``True``. Folded into a fused
+  optimizer (``fold_into``), the skip becomes its ``found_inf`` instead, with no host sync
+  (:mod:`gradclip_algo.folding`).
 - ``zero``: replace inf/NaN elements by 0 and clip the rest as usual (one extra in-place pass, no sync).
 
 ``error`` and ``skip`` judge the global norm that the rule reports (computed once and shared with the
 rule; L2 for the types that report L2), with one all-reduce of a flag over the default process group and
-one host sync per call: every rank takes the same decision, so every rank must call the clipper. ``zero``
+one host sync per call (none when the skip is folded): every rank takes the same decision, so every rank must call the clipper. ``zero``
 is local to each rank (DDP grads are the same on every rank; a shard lives on one rank).
 """
 
@@ -48,16 +50,23 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def on_any_rank(flag: Tensor) -> bool:
-    """``flag`` (0-d bool) OR-ed over the ranks of the default process group, read on the host (a sync).
+def any_rank(flag: Tensor) -> Tensor:
+    """``flag`` (0-d bool) OR-ed over the ranks of the default process group, as a 0-d bool tensor (a
+    collective when there are several ranks; no host sync).
 
     Every rank gets the same answer, so every rank skips or raises together even when only one rank's
     grads went bad (a fault after DDP's all-reduce, or a shard that lives on one rank).
     """
+    if _world_size() == 1:
+        return flag
     flag = flag.to(torch.int32).reshape(1)
-    if _world_size() > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.reshape(()).to(torch.bool)
+
+
+def on_any_rank(flag: Tensor) -> bool:
+    """:func:`any_rank` read on the host (a sync)."""
+    return bool(any_rank(flag))
 
 
 def _in_flat_parameter(name: str, param: Tensor, grad: Tensor) -> str:

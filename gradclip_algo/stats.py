@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -21,14 +21,20 @@ class ClipStats:
         clipped_grad_norm: the same norm after clipping.
         clipped_fraction: share of what was clipped: 0 or 1 for ``'norm'``, of elements for
             ``'value'``, of units for ``'adaptive'``.
-        skipped: ``True`` when the step was skipped (every grad set to ``None``); deciding that is a
-            host-side decision, so it is a Python bool.
+        skipped: whether the step was skipped: a Python bool when the grads were set to ``None`` (a host
+            decision), a 0-d bool tensor when the skip was folded into the optimizer's ``found_inf``.
+        coefficient: for the types that clip by one factor (``norm``, ``quantile``, ``zscore``): that
+            factor, ``min(1, τ / (‖G‖ + 1e-6))``; ``None`` for the others and on an unfolded skip.
+        folded: whether the factor or the skip was handed to the optimizer's next ``step()`` (see
+            :mod:`gradclip_algo.folding`) instead of being applied to the grads.
     """
 
     grad_norm: Tensor
     clipped_grad_norm: Tensor
     clipped_fraction: Tensor
-    skipped: bool = False
+    skipped: bool | Tensor = False
+    coefficient: Tensor | None = None
+    folded: bool = False
 
     @classmethod
     def empty(cls, device: torch.device | str = "cpu") -> ClipStats:
@@ -40,6 +46,16 @@ class ClipStats:
     def skipped_step(cls, grad_norm: Tensor) -> ClipStats:
         """Stats of a skipped step: the measured norm, nothing left after it, everything clipped."""
         return cls(grad_norm, torch.zeros_like(grad_norm), torch.ones_like(grad_norm), skipped=True)
+
+    def skipped_where(self, skip: Tensor) -> ClipStats:
+        """These stats where the device flag ``skip`` is false, those of a skipped step where it is true
+        (nothing left after clipping, everything clipped); no host sync."""
+        return replace(
+            self,
+            clipped_grad_norm=torch.where(skip, 0.0, self.clipped_grad_norm),
+            clipped_fraction=torch.where(skip, 1.0, self.clipped_fraction),
+            skipped=skip,
+        )
 
     def as_dict(self) -> dict[str, float]:
         """The fields as Python floats. This synchronises with the device."""

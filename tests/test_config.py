@@ -104,6 +104,7 @@ def test_every_rule_option_is_an_allowed_key() -> None:
         "clipping_threshold",
         "log_interval",
         "log_layer_norms",
+        "fold_into_optimizer",
         *COMMON_OPTIONS,
         *(option for rule in RULES.values() for option in rule.options.names()),
     }

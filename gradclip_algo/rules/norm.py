@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from gradclip_algo.distributed import Shards
-from gradclip_algo.norms import clip_coefficient, scale_grads_
+from gradclip_algo.norms import clip_coefficient
 from gradclip_algo.options import RuleOptions, option
 from gradclip_algo.stats import ClipStats
 from gradclip_algo.validation import check_positive_number
@@ -32,20 +32,21 @@ class NormOptions(RuleOptions):
 def clip_by_norm(shards: Shards, max_norm: float, options: NormOptions) -> ClipStats:
     """``g ← g · min(1, λ / (‖G‖_p + 1e-6))`` for every grad, ``‖G‖_p`` the p-norm of all grads together.
 
-    The same as ``torch.nn.utils.clip_grad_norm_``; the multiply always runs (a factor of 1 under the
-    threshold), so nothing waits for the device.
+    The same as ``torch.nn.utils.clip_grad_norm_``. The factor is returned, not applied (see
+    :func:`to_norm`); it is 1 under the threshold, so nothing waits for the device.
     """
-    return clip_to_norm_(shards.grads, shards.global_norm(options.norm_type), max_norm)
+    return to_norm(shards.global_norm(options.norm_type), max_norm)
 
 
-def clip_to_norm_(grads: list[Tensor], norm: Tensor, threshold: float | Tensor) -> ClipStats:
-    """Scale ``grads`` by :func:`~gradclip_algo.clip_coefficient` of their total ``norm`` and ``threshold``
-    (a number, or a 0-d tensor that a statistics-driven rule computed on the device).
+def to_norm(norm: Tensor, threshold: float | Tensor) -> ClipStats:
+    """The stats of clipping grads of total ``norm`` to ``threshold`` (a number, or a 0-d tensor that a
+    statistics-driven rule computed on the device), with the factor
+    :func:`~gradclip_algo.clip_coefficient` as ``coefficient`` for the caller to apply or fold.
 
     The step counts as clipped where ``norm > threshold``, compared in the threshold's precision: a
     statistics-driven threshold may be this very norm as its statistics hold it.
     """
     coef = clip_coefficient(norm, threshold)
-    scale_grads_(grads, coef)
     compared = norm.to(threshold.dtype) if isinstance(threshold, Tensor) else norm
-    return ClipStats(norm, norm * coef, (compared > threshold).to(torch.float32))
+    clipped = (norm * coef).to(norm.dtype)
+    return ClipStats(norm, clipped, (compared > threshold).to(torch.float32), coefficient=coef)

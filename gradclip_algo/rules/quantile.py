@@ -15,7 +15,7 @@ from torch import Tensor
 from gradclip_algo.distributed import Shards
 from gradclip_algo.norm_history import check_history, empty_history, record_
 from gradclip_algo.options import RuleOptions, option
-from gradclip_algo.rules.norm import clip_to_norm_
+from gradclip_algo.rules.norm import to_norm
 from gradclip_algo.stats import ClipStats
 from gradclip_algo.validation import check_in_interval, check_int
 
@@ -57,4 +57,4 @@ def update(shards: Shards, max_norm: float, options: QuantileOptions, state: dic
     percentile_norm = torch.nanquantile(state["norms"], options.percentile / 100.0)
     # NaN while no finite norm was ever recorded: then only the ceiling applies
     threshold = torch.nan_to_num(percentile_norm, nan=float("inf")).clamp(max=max_norm)
-    return clip_to_norm_(shards.grads, norm, threshold)
+    return to_norm(norm, threshold)

@@ -16,7 +16,7 @@ from torch import Tensor
 from gradclip_algo.distributed import Shards
 from gradclip_algo.norm_history import statistics_dtype
 from gradclip_algo.options import RuleOptions, option
-from gradclip_algo.rules.norm import clip_to_norm_
+from gradclip_algo.rules.norm import to_norm
 from gradclip_algo.stats import ClipStats
 from gradclip_algo.validation import check_in_interval, check_int, check_positive_number, check_state_tensor
 
@@ -74,7 +74,7 @@ def update(shards: Shards, max_norm: float, options: ZScoreOptions, state: dict[
     outlier = ~warm & (z > z_threshold)
     adaptive = mean + z_threshold**2 * std / z
     threshold = torch.where(outlier, adaptive, float("inf")).clamp(max=max_norm)
-    stats = clip_to_norm_(shards.grads, norm, threshold)
+    stats = to_norm(norm, threshold)
 
     seen = (step + 1).to(n.dtype)
     warm_mean = mean + (n - mean) / seen
