@@ -25,6 +25,9 @@ class ClipStats:
             decision), a 0-d bool tensor when the skip was folded into the optimizer's ``found_inf``.
         coefficient: for the types that clip by one factor (``norm``, ``quantile``, ``zscore``): that
             factor, ``min(1, τ / (‖G‖ + 1e-6))``; ``None`` for the others and on an unfolded skip.
+        threshold: for the same types: the global norm above which this step clips (λ for ``norm``; the
+            capped percentile for ``quantile``; for ``zscore`` ``min(μ + z_t·(sigma + 1e-6), λ)``, λ in warm-up), in
+            the dtype the rule compared in; ``None`` for the others.
         folded: whether the factor or the skip was handed to the optimizer's next ``step()`` (see
             :mod:`gradclip_algo.folding`) instead of being applied to the grads.
     """
@@ -34,6 +37,7 @@ class ClipStats:
     clipped_fraction: Tensor
     skipped: bool | Tensor = False
     coefficient: Tensor | None = None
+    threshold: Tensor | None = None
     folded: bool = False
 
     @classmethod

@@ -142,6 +142,7 @@ def test_folded_norm_matches_torch_clip_grad_norm() -> None:
         unclipped = [p.grad.clone() for p in ours.parameters()]
         stats = apply_gradient_clipping(ours, "norm", 0.5, fold_into=opt_ours)
         assert stats is not None and stats.folded and stats.coefficient is not None
+        assert stats.threshold is not None and float(stats.threshold) == 0.5
         for param, grad in zip(ours.parameters(), unclipped, strict=True):
             assert torch.equal(param.grad, grad)  # untouched until step()
         norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5)

@@ -43,10 +43,15 @@ def assert_scaled(params: list[nn.Parameter], before: list[torch.Tensor], coefs:
 
 
 def run_global(
-    clipper: GradientClipper, norms: Sequence[float], expected_coefs: Sequence[float], no_host_sync: Guard
+    clipper: GradientClipper,
+    norms: Sequence[float],
+    expected_coefs: Sequence[float],
+    no_host_sync: Guard,
+    thresholds: Sequence[float] | None = None,
 ) -> None:
-    """Step through global norms ``norms``; each step every grad must be scaled by its expected coef, with
-    no host sync (``no_host_sync``: the guard of ``conftest.py``)."""
+    """Step through global norms ``norms``; each step every grad must be scaled by its expected coef (and
+    ``ClipStats.threshold`` be the expected one), with no host sync (``no_host_sync``: the guard of
+    ``conftest.py``)."""
     params = make_params()
     for step, (norm, coef) in enumerate(zip(norms, expected_coefs, strict=True)):
         before = set_grads(params, [norm * share for share in SHARES])
@@ -55,6 +60,9 @@ def run_global(
         assert_scaled(params, before, [coef] * len(params))
         assert stats.clipped_fraction.item() == float(coef < 1.0), f"step {step}"
         torch.testing.assert_close(stats.grad_norm.double(), torch.tensor(norm, dtype=torch.float64))
+        if thresholds is not None:
+            assert stats.threshold is not None
+            assert stats.threshold.item() == pytest.approx(thresholds[step], rel=1e-5), f"step {step}"
 
 
 # ---- float64 references, written from the papers' rules -----------------------------------------------
@@ -74,12 +82,19 @@ def cap_coef(norm: float, cap: float) -> float:
 
 
 def autoclip_reference(norms: Sequence[float], p: float, window: int, ceiling: float) -> list[float]:
+    return [
+        cap_coef(norm, cap) for norm, cap in zip(norms, autoclip_caps(norms, p, window, ceiling), strict=True)
+    ]
+
+
+def autoclip_caps(norms: Sequence[float], p: float, window: int, ceiling: float) -> list[float]:
+    """The threshold of every step: the percentile of the window with the current norm in it, capped."""
     history: list[float] = []
-    coefs = []
+    caps = []
     for norm in norms:
         history = [*history, norm][-window:]  # the current norm enters first
-        coefs.append(cap_coef(norm, min(percentile(history, p), ceiling)))
-    return coefs
+        caps.append(min(percentile(history, p), ceiling))
+    return caps
 
 
 def zclip_reference(
@@ -143,7 +158,8 @@ def test_quantile_matches_autoclip(
     percentile_p: float, window: int, ceiling: float, no_host_sync: Guard
 ) -> None:
     clipper = GradientClipper("quantile", ceiling, percentile=percentile_p, window=window)
-    run_global(clipper, NORMS, autoclip_reference(NORMS, percentile_p, window, ceiling), no_host_sync)
+    coefs = autoclip_reference(NORMS, percentile_p, window, ceiling)
+    run_global(clipper, NORMS, coefs, no_host_sync, autoclip_caps(NORMS, percentile_p, window, ceiling))
 
 
 def test_quantile_first_step_is_not_clipped_and_history_holds_the_norms(no_host_sync: Guard) -> None:
@@ -164,8 +180,13 @@ def test_zscore_matches_zclip(warmup: int, ceiling: float, no_host_sync: Guard) 
     for step, (norm, coef, (mean, var)) in enumerate(zip(NORMS, coefs, states, strict=True)):
         before = set_grads(params, [norm * share for share in SHARES])
         with no_host_sync():
-            clipper(params)
+            stats = clipper(params)
         assert_scaled(params, before, [coef] * len(params))
+        # the norm above which the step clips: mu + z_t (sigma + eps) of the statistics before, capped
+        previous_mean, previous_var = states[step - 1] if step else (math.nan, math.nan)
+        boundary = previous_mean + 2.5 * (math.sqrt(previous_var) + EPS) if step >= warmup else math.inf
+        assert stats.threshold is not None
+        assert stats.threshold.item() == pytest.approx(min(boundary, ceiling), rel=1e-5)
         state = clipper.state_dict()["rule"]
         assert state["step"].item() == step + 1
         assert state["mean"].item() == pytest.approx(mean, rel=1e-5)

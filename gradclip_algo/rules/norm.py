@@ -38,15 +38,24 @@ def clip_by_norm(shards: Shards, max_norm: float, options: NormOptions) -> ClipS
     return to_norm(shards.global_norm(options.norm_type), max_norm)
 
 
-def to_norm(norm: Tensor, threshold: float | Tensor) -> ClipStats:
+def to_norm(norm: Tensor, threshold: float | Tensor, boundary: Tensor | None = None) -> ClipStats:
     """The stats of clipping grads of total ``norm`` to ``threshold`` (a number, or a 0-d tensor that a
     statistics-driven rule computed on the device), with the factor
-    :func:`~gradclip_algo.clip_coefficient` as ``coefficient`` for the caller to apply or fold.
+    :func:`~gradclip_algo.clip_coefficient` as ``coefficient`` for the caller to apply or fold, and
+    ``boundary`` (default: ``threshold``), the norm above which the rule clips, as ``threshold``.
 
     The step counts as clipped where ``norm > threshold``, compared in the threshold's precision: a
     statistics-driven threshold may be this very norm as its statistics hold it.
     """
     coef = clip_coefficient(norm, threshold)
-    compared = norm.to(threshold.dtype) if isinstance(threshold, Tensor) else norm
-    clipped = (norm * coef).to(norm.dtype)
-    return ClipStats(norm, clipped, (compared > threshold).to(torch.float32), coefficient=coef)
+    if isinstance(threshold, Tensor):
+        compared = norm.to(threshold.dtype)
+    else:
+        compared, threshold = norm, torch.full((), threshold, dtype=norm.dtype, device=norm.device)
+    return ClipStats(
+        norm,
+        (norm * coef).to(norm.dtype),
+        (compared > threshold).to(torch.float32),
+        coefficient=coef,
+        threshold=threshold if boundary is None else boundary,
+    )

@@ -74,7 +74,8 @@ def update(shards: Shards, max_norm: float, options: ZScoreOptions, state: dict[
     outlier = ~warm & (z > z_threshold)
     adaptive = mean + z_threshold**2 * std / z
     threshold = torch.where(outlier, adaptive, float("inf")).clamp(max=max_norm)
-    stats = to_norm(norm, threshold)
+    boundary = torch.where(warm, float("inf"), mean + z_threshold * (std + ZSCORE_EPS)).clamp(max=max_norm)
+    stats = to_norm(norm, threshold, boundary)
 
     seen = (step + 1).to(n.dtype)
     warm_mean = mean + (n - mean) / seen

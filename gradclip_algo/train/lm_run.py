@@ -62,29 +62,6 @@ class LMStepRecord:
     skipped: bool
 
 
-def rule_threshold(algorithm: GradClipAlgo, before: dict[str, Tensor] | None) -> Tensor:
-    """The global-norm threshold of this step's rule, read from the clipper's statistics.
-
-    ``norm``: λ; ``quantile``: the percentile of its window after the call (the window holds this step's
-    norm), capped at λ; ``zscore``: the outlier boundary ``μ + z_t·sigma`` of the statistics before the call,
-    capped at λ (λ during warm-up; a norm above it is cut back to ``μ + z_t²·sigma/z``); other types: NaN.
-    """
-    clipper = algorithm.clipper
-    ceiling = torch.tensor(clipper.clipping_threshold, dtype=torch.float32)
-    options = clipper.options
-    if clipper.clipping_type == "norm":
-        return ceiling
-    if clipper.clipping_type == "quantile" and clipper.state is not None:
-        percentile = torch.nanquantile(clipper.state["norms"].cpu(), options.percentile / 100.0)
-        return torch.nan_to_num(percentile, nan=math.inf).clamp(max=ceiling)
-    if clipper.clipping_type == "zscore":
-        if before is None or int(before["step"]) < options.warmup_steps:
-            return ceiling
-        boundary = before["mean"] + options.z_threshold * before["var"].sqrt()
-        return boundary.cpu().clamp(max=ceiling)
-    return torch.tensor(math.nan)
-
-
 def skip_limit(algorithm: GradClipAlgo, before: dict[str, Tensor] | None) -> Tensor:
     """``mean + k·std`` of the spike window before the call, NaN while fewer than half of it is filled."""
     clipper = algorithm.clipper
@@ -109,7 +86,7 @@ class LanguageModelRecorder(Callback):
         self.evals: list[tuple[int, float]] = []
         self._clipping: GradClipAlgo | None = None
         self._files: list[IO[str]] = []
-        self._before: dict[str, dict[str, Tensor] | None] = {}
+        self._before: dict[str, Tensor] | None = None
         self._values: Tensor | None = None
         self._flags: tuple[bool, bool] = (False, False)
         self._used: LayerGradNorms | None = None
@@ -125,13 +102,10 @@ class LanguageModelRecorder(Callback):
         csv.writer(self._files[1]).writerow(["step", *self.layer_names])
 
     def after_backward(self, state: State, logger: Logger) -> None:
-        """The clipper's statistics before this step's clipping (the last microbatch's call wins)."""
+        """The spike window before this step's clipping (the last microbatch's call wins)."""
         if self._clipping is not None:
-            clipper = self._clipping.clipper
-            self._before = {
-                name: None if part is None else {key: value.clone() for key, value in part.items()}
-                for name, part in (("rule", clipper.state), ("spikes", clipper.spike_state))
-            }
+            window = self._clipping.clipper.spike_state
+            self._before = None if window is None else {key: value.clone() for key, value in window.items()}
 
     def after_train_batch(self, state: State, logger: Logger) -> None:
         params = [p for p in state.model.parameters() if p.grad is not None]
@@ -144,8 +118,8 @@ class LanguageModelRecorder(Callback):
         else:
             stats = algorithm.last_stats
             before, clipped, skipped = stats.grad_norm, stats.clipped_fraction > 0, stats.skipped
-            threshold = rule_threshold(algorithm, self._before.get("rule"))
-            limit = skip_limit(algorithm, self._before.get("spikes"))
+            threshold = nan if stats.threshold is None else stats.threshold
+            limit = skip_limit(algorithm, self._before)
             fresh = algorithm.last_layer_norms is not None and algorithm.last_layer_norms is not self._used
             layer = algorithm.last_layer_norms if fresh else grad_norms_by_name(state.model)
             self._used = algorithm.last_layer_norms  # steps that log none measure here (after clipping)
