@@ -117,6 +117,18 @@ class GradientClipper:
         self.stateful = self.rule.update is not None or self.skip_spikes is not None
         """Whether the clipper keeps statistics from call to call (a stateful rule, or spike skipping)."""
         self.fold_into = check_fold_into("fold_into", fold_into)
+        if (
+            self.fold_into
+            and not self.rule.one_factor
+            and self.nonfinite != "skip"
+            and self.skip_spikes is None
+        ):
+            warnings.warn(
+                f"fold_into: clipping_type={clipping_type!r} clips each element, unit or tensor by its own "
+                "factor and no skip is set (nonfinite='skip' or skip_spikes), so there is nothing to fold; "
+                "fold_into has no effect",
+                stacklevel=2,
+            )
         self.state: State | None = None
         self.spike_state: State | None = None
         self._warned = False

@@ -358,3 +358,14 @@ def test_composer_folded_skipping_does_not_sync(no_host_sync: Guard) -> None:
         seed=0,
     ).fit()
     assert guarded == [True] * 13  # BATCH_END of batch 1 (the timestamp then counts 2), then batches 2-7
+
+
+@pytest.mark.parametrize("clipping_type", ["value", "adaptive", "adagc"])
+def test_fold_into_without_anything_to_fold_warns(clipping_type: str) -> None:
+    optimizer = torch.optim.AdamW(model().parameters(), fused=True)
+    with pytest.warns(UserWarning, match=f"fold_into: clipping_type='{clipping_type}' .* has no effect"):
+        GradientClipper(clipping_type, 0.1, fold_into=optimizer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        GradientClipper(clipping_type, 0.1, fold_into=optimizer, skip_spikes=6.0)  # skips fold
+        GradientClipper("quantile", 0.1, fold_into=optimizer)

@@ -44,6 +44,7 @@ class Rule:
     """A clipping rule: ``clip`` for a stateless one, ``init``/``update``/``check_state`` for a stateful one.
 
     ``clip_without_stats``: what a rule whose statistics cost extra passes does when none are asked for.
+    ``one_factor``: the rule clips by one factor for every grad, returned as ``ClipStats.coefficient``.
     """
 
     options: type[RuleOptions]
@@ -53,9 +54,10 @@ class Rule:
     check_state: Callable[[State, Any], None] | None = None
     threshold_may_be_inf: bool = False
     clip_without_stats: Callable[[Shards, float], None] | None = None
+    one_factor: bool = False
 
     @classmethod
-    def stateful(cls, module: ModuleType, options: type[RuleOptions]) -> Rule:
+    def stateful(cls, module: ModuleType, options: type[RuleOptions], one_factor: bool = False) -> Rule:
         """The rule of a module defining ``init``, ``update`` and ``check_state``; λ may be ``inf``."""
         return cls(
             options,
@@ -63,15 +65,16 @@ class Rule:
             update=module.update,
             check_state=module.check_state,
             threshold_may_be_inf=True,
+            one_factor=one_factor,
         )
 
 
 RULES: Mapping[str, Rule] = {
-    "norm": Rule(NormOptions, clip=clip_by_norm),
+    "norm": Rule(NormOptions, clip=clip_by_norm, one_factor=True),
     "value": Rule(NoOptions, clip=clip_by_value, clip_without_stats=clamp_grads_),
     "adaptive": Rule(AdaptiveOptions, clip=adaptive_clip),
-    "quantile": Rule.stateful(quantile, quantile.QuantileOptions),
-    "zscore": Rule.stateful(zscore, zscore.ZScoreOptions),
+    "quantile": Rule.stateful(quantile, quantile.QuantileOptions, one_factor=True),
+    "zscore": Rule.stateful(zscore, zscore.ZScoreOptions, one_factor=True),
     "adagc": Rule.stateful(adagc, adagc.AdaGCOptions),
 }
 CLIPPING_TYPES = tuple(RULES)
