@@ -271,43 +271,49 @@ def test_fold_into_must_be_an_optimizer() -> None:
         GradientClipper("norm", 1.0, fold_into="adamw")
 
 
+def fit_with_fused_adamw(algorithm: Any, scale: float, **trainer_args: Any) -> nn.Module:
+    """8 batches of a Composer Trainer with fused AdamW and ``algorithm``; returns the model."""
+    from composer import Trainer
+    from composer.models import ComposerClassifier
+    from torch.utils.data import DataLoader, TensorDataset
+
+    gen = torch.Generator().manual_seed(0)
+    inputs, targets = torch.randn(64, 6, generator=gen) * scale, torch.randint(0, 3, (64,), generator=gen)
+    net = ComposerClassifier(model(), num_classes=3)
+    Trainer(
+        model=net,
+        train_dataloader=DataLoader(TensorDataset(inputs, targets), batch_size=8),
+        optimizers=torch.optim.AdamW(net.parameters(), lr=0.01, fused=True),
+        algorithms=[algorithm],
+        max_duration="8ba",
+        device="cpu",
+        progress_bar=False,
+        log_to_console=False,
+        seed=0,
+        **trainer_args,
+    ).fit()
+    return net
+
+
 @pytest.mark.composer
 def test_composer_trainer_folds_by_default() -> None:
     """A Trainer with fused AdamW: folded by default, equal to fold_into_optimizer=False."""
     pytest.importorskip("composer")
-    from composer import Trainer
     from composer.callbacks import OptimizerMonitor
     from composer.loggers import InMemoryLogger
-    from composer.models import ComposerClassifier
-    from torch.utils.data import DataLoader, TensorDataset
 
     from gradclip_algo import GradClipAlgo
 
-    gen = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.randn(64, 6, generator=gen) * 30, torch.randint(0, 3, (64,), generator=gen))
     runs, monitored = {}, {}
     for fold in (True, False):
-        net = ComposerClassifier(model(), num_classes=3)
         metrics = InMemoryLogger()
         algorithm = GradClipAlgo("norm", 0.1, fold_into_optimizer=fold, skip_spikes=50.0, spike_window=4)
-        trainer = Trainer(
-            model=net,
-            train_dataloader=DataLoader(data, batch_size=8),
-            optimizers=torch.optim.AdamW(net.parameters(), lr=0.01, fused=True),
-            algorithms=[algorithm],
-            max_duration="8ba",
-            device="cpu",
-            progress_bar=False,
-            log_to_console=False,
-            loggers=[metrics],
-            callbacks=[OptimizerMonitor(batch_log_interval=1)],
-            seed=0,
+        runs[fold] = fit_with_fused_adamw(
+            algorithm, 30.0, loggers=[metrics], callbacks=[OptimizerMonitor(batch_log_interval=1)]
         )
-        trainer.fit()
         monitored[fold] = [value for _, value in metrics.data["l2_norm/grad/global"]]
         assert algorithm.last_stats is not None and algorithm.last_stats.folded is fold
         assert float(algorithm.last_stats.clipped_fraction) == 1.0  # every step clips at 0.1
-        runs[fold] = net
     for a, b in zip(runs[True].parameters(), runs[False].parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     # OptimizerMonitor reads the grads at BATCH_END, after the step wrote the clipped ones back
@@ -321,16 +327,10 @@ def test_composer_folded_skipping_does_not_sync(no_host_sync: Guard) -> None:
     """From the second step on, neither event of the algorithm reads a tensor on the host when folded,
     with nonfinite='skip' and skip_spikes, on steps that do not log."""
     pytest.importorskip("composer")
-    from composer import Trainer
     from composer.core import Event
-    from composer.models import ComposerClassifier
-    from torch.utils.data import DataLoader, TensorDataset
 
     from gradclip_algo import GradClipAlgo
 
-    gen = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.randn(64, 6, generator=gen), torch.randint(0, 3, (64,), generator=gen))
-    net = ComposerClassifier(model(), num_classes=3)
     algorithm = GradClipAlgo(
         "zscore", 1.0, log_interval=100, nonfinite="skip", skip_spikes=3.0, spike_window=4, warmup_steps=2
     )
@@ -345,18 +345,7 @@ def test_composer_folded_skipping_does_not_sync(no_host_sync: Guard) -> None:
         guarded.append(algorithm.last_stats is not None and algorithm.last_stats.folded)
 
     algorithm.apply = apply_without_sync  # type: ignore[method-assign]
-    Trainer(
-        model=net,
-        train_dataloader=DataLoader(data, batch_size=8),
-        optimizers=torch.optim.AdamW(net.parameters(), lr=0.01, fused=True),
-        algorithms=[algorithm],
-        max_duration="8ba",
-        device="cpu",
-        progress_bar=False,
-        log_to_console=False,
-        loggers=[],
-        seed=0,
-    ).fit()
+    fit_with_fused_adamw(algorithm, 1.0, loggers=[])
     assert guarded == [True] * 13  # BATCH_END of batch 1 (the timestamp then counts 2), then batches 2-7
 
 
