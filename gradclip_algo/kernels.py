@@ -7,6 +7,7 @@ Each primitive takes tensors of one device and one dtype (callers group them; se
 - :func:`total_power_sum`: the same for all tensors together;
 - :func:`scale_`: ``t ← t · c`` with one factor or one per tensor;
 - :func:`clamp_`: ``t ← clamp(t, -λ, λ)``;
+- :func:`clamp_with_stats_`: the same, with ``Σt²`` before and after and ``#{|t| > λ}`` of all tensors;
 - :func:`scale_units_`: ``G_u ← G_u · f(‖G_u‖, ‖W_u‖)`` per unit u (AGC).
 
 Sums are accumulated in float32, or float64 for float64 tensors (as torch's norms are). The fast paths,
@@ -17,6 +18,11 @@ each covered at and around its size limits by the differential fuzz (``tests/tes
   buffer that goes to one dot. p = inf: ``torch.aminmax`` in place of the dot.
 - CPU: one in-place ``clamp_`` for tensors of at least :data:`CPU_DOT_MIN_NUMEL` elements (torch's
   foreach pair makes two passes).
+- Any device: :func:`clamp_with_stats_` runs a block at a time (on CPU of at most
+  :data:`CLAMP_BLOCK_NUMEL` elements) through its norm, count, clamp and norm after, reading it from
+  memory once; tensors under :data:`CPU_DOT_MIN_NUMEL` elements go through it packed, at most that many
+  elements a pack, with ATen's own kernels only (no BLAS: a BLAS call between ATen's threaded ops can
+  wait milliseconds for CPU threads on a busy machine).
 - CPU: AGC on a tensor of more than :data:`CPU_REUSE_NUMEL` elements runs a block of whole rows at a
   time: its norms, then its multiply while it is still in cache.
 - Any device: AGC on small tensors of one shape runs on their stack (:data:`STACK_NUMEL` elements at a
@@ -43,9 +49,21 @@ STACK_NUMEL = 1 << 20
 CPU_REUSE_NUMEL = 1 << 22
 """AGC on CPU clips a larger tensor a block of whole rows of at most this many elements (16 MiB of
 float32) at a time, so that the block is still in the L3 cache when it is multiplied after its norms."""
+CLAMP_BLOCK_NUMEL = 1 << 20
+"""On CPU, 'value' clipping with statistics runs a larger tensor a block of at most this many elements
+(4 MiB of float32) at a time: its norm, count, clamp and norm after read the block from cache."""
+CHUNK_NUMEL = 1 << 24
+"""Elsewhere, at most this many elements are counted at once (float32 counts of them stay exact)."""
 MEMORY_SHARE = 128
 """A buffer holds at most 1/128 of the elements of the tensors it serves (under 1 % extra memory)."""
-SIZE_LIMITS = (CPU_DOT_MIN_NUMEL, PACK_NUMEL, STACK_NUMEL, CPU_REUSE_NUMEL, MEMORY_SHARE * CPU_DOT_MIN_NUMEL)
+SIZE_LIMITS = (
+    CPU_DOT_MIN_NUMEL,
+    PACK_NUMEL,
+    CLAMP_BLOCK_NUMEL,
+    STACK_NUMEL,
+    CPU_REUSE_NUMEL,
+    MEMORY_SHARE * CPU_DOT_MIN_NUMEL,
+)
 """The sizes at which a fast path starts or a buffer fills: the fuzz draws tensors on and around them."""
 
 UnitCoefficient = Callable[[Tensor, Tensor], Tensor]
@@ -173,7 +191,7 @@ def total_power_sum(tensors: list[Tensor], norm_type: float) -> Tensor:
             elif numel:
                 rest.append(tensor)
     if len(packable) > 1:
-        buffer = first.new_empty(min(buffer_numel, packed_numel))
+        buffer = first.new_empty(buffer_numel)
         for pack, trailing, numel in _packs(packable, buffer.numel()):
             block = torch.cat(pack, out=buffer[:numel].view(-1, *trailing))
             parts.append(_cpu_power_sum(block, norm_type))
@@ -287,44 +305,65 @@ def scale_units_(
             )
 
 
-COUNT_CHUNK_NUMEL = 1 << 24
-"""At most this many elements are compared at once when counting (so float32 counts stay exact)."""
+def _blocks(tensor: Tensor, numel: int) -> Iterator[Tensor]:
+    """Views of ``tensor`` of at most ``numel`` elements (at least one row) that cover it: 1-D slices of a
+    contiguous tensor, else slices of whole rows along dim 0."""
+    if tensor.is_contiguous():
+        yield from tensor.view(-1).split(numel)
+        return
+    yield from tensor.split(max(1, numel // max(1, tensor[0].numel())))
 
 
-def count_beyond(tensors: list[Tensor], limit: float) -> Tensor:
-    """``[#{|t_i| > limit} for each tensor]``, 1-D int64 (a NaN element is not counted; a small tensor
-    holding one counts 0); temporaries hold at most 1/128 of the elements
-    (and at least :data:`CPU_DOT_MIN_NUMEL`), so large tensors are counted a chunk at a time and small
-    ones a group at a time with foreach kernels."""
-    chunk = min(COUNT_CHUNK_NUMEL, max(CPU_DOT_MIN_NUMEL, sum(t.numel() for t in tensors) // MEMORY_SHARE))
-    counts: list[Tensor | None] = [None] * len(tensors)
-    group: list[int] = []
-    group_numel = 0
+def _clamp_block_(block: Tensor, limit: float, scratch: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(‖b‖, #{|b| > limit}, ‖b‖ after)`` of one block, clamped in place in between (accumulation dtype);
+    ``|b|`` goes to ``scratch`` (at least as large, same dtype) for the count."""
+    accumulate = accumulation_dtype(block.dtype)
+    before = torch.linalg.vector_norm(block, dtype=accumulate)
+    magnitude = torch.abs(block, out=scratch[: block.numel()].view_as(block))
+    count = magnitude.gt_(limit).sum(dtype=accumulate)
+    block.clamp_(-limit, limit)
+    return before, count, torch.linalg.vector_norm(block, dtype=accumulate)
 
-    def count_group() -> None:
-        temps = torch._foreach_abs([tensors[i] for i in group])
-        torch._foreach_sub_(temps, limit)
-        torch._foreach_clamp_min_(temps, 0.0)
-        torch._foreach_sign_(temps)
-        accumulate = accumulation_dtype(temps[0].dtype)
-        found = torch.stack(torch._foreach_norm(temps, 1.0, dtype=accumulate)).nan_to_num_(0.0)
-        for i, count in zip(group, found.to(torch.int64).unbind(), strict=True):
-            counts[i] = count
 
-    for i, tensor in enumerate(tensors):
+def clamp_with_stats_(tensors: list[Tensor], limit: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``t ← clamp(t, -limit, limit)`` in place, as :func:`clamp_`, with the statistics of all ``tensors``
+    together: ``(Σ t² before, #{|t| > limit}, Σ t² after)``, 0-d, the sums in the accumulation dtype, the
+    count int64 (a NaN element is not counted, and stays NaN).
+
+    ``tensors``: one device and dtype, at least one. A block at a time is measured, counted, clamped and
+    measured again, so that it is read from memory once: blocks of at most :data:`CLAMP_BLOCK_NUMEL`
+    elements of a tensor (on CPU; elsewhere of at most :data:`CHUNK_NUMEL`), and packs of tensors smaller
+    than :data:`CPU_DOT_MIN_NUMEL`, copied into a buffer of at most that many elements (small enough that
+    each op on it runs on one thread), clamped there and copied back.
+    """
+    first = tensors[0]
+    total = 0
+    own, small = [], []
+    for tensor in tensors:
         numel = tensor.numel()
-        if numel > chunk:
-            rows = tensor.reshape(-1) if tensor.is_contiguous() else tensor
-            step = max(1, chunk // max(1, numel // rows.shape[0]))
-            counts[i] = torch.stack(
-                [torch.count_nonzero(part.abs() > limit) for part in rows.split(step)]
-            ).sum()
-            continue
-        if group and group_numel + numel > chunk:
-            count_group()
-            group, group_numel = [], 0
-        group.append(i)
-        group_numel += numel
-    if group:
-        count_group()
-    return torch.stack([c for c in counts if c is not None])
+        total += numel
+        if numel >= CPU_DOT_MIN_NUMEL:
+            own.append(tensor)
+        elif numel:
+            small.append(tensor)
+    buffer_numel = _buffer_numel(CPU_DOT_MIN_NUMEL, total)
+    packable = [t for t in small if t.numel() <= buffer_numel]
+    if len(packable) < 2:  # nothing to gain from a copy
+        packable = []
+    own += [t for t in small if t.numel() > buffer_numel or not packable]
+    on_cpu = first.device.type == "cpu"
+    block_numel = max(CLAMP_BLOCK_NUMEL if on_cpu else _buffer_numel(CHUNK_NUMEL, total), CPU_DOT_MIN_NUMEL)
+    blocks = [block for tensor in own for block in _blocks(tensor, block_numel)]
+    scratch = first.new_empty(max([block.numel() for block in blocks] + [buffer_numel * bool(packable)]))
+    parts = [_clamp_block_(block, limit, scratch) for block in blocks]
+    if packable:
+        buffer = first.new_empty(buffer_numel)
+        for pack, trailing, numel in _packs(packable, buffer_numel):
+            block = torch.cat(pack, out=buffer[:numel].view(-1, *trailing))
+            parts.append(_clamp_block_(block, limit, scratch))
+            torch._foreach_copy_(pack, block.split([t.shape[0] for t in pack]))
+    if not parts:
+        zero = torch.zeros((), dtype=accumulation_dtype(first.dtype), device=first.device)
+        return zero, zero.to(torch.int64), zero
+    before, count, after = (torch.stack(values) for values in zip(*parts, strict=True))
+    return before.square().sum(), count.to(torch.int64).sum(), after.square().sum()

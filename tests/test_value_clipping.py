@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import MixedModel, backward_mixed, grads, random_grads, twin
 
-from gradclip_algo import apply_gradient_clipping
+from gradclip_algo import apply_gradient_clipping, kernels
 
 
 @pytest.mark.parametrize("threshold", [1e-3, 0.05, 1.0, 1e3])
@@ -80,3 +82,80 @@ def test_without_stats_clips_the_same_and_returns_none(mixed_model: MixedModel, 
     apply_gradient_clipping(reference, clipping_type, 0.3)
     for got, want in zip(grads(mixed_model), grads(reference), strict=True):
         assert torch.equal(got, want)
+
+
+# ---- clamp_with_stats_: its block and pack sizes, against torch's clamp and a float64 loop -------------
+
+BLOCK = kernels.CLAMP_BLOCK_NUMEL
+SMALL = kernels.CPU_DOT_MIN_NUMEL
+SIZE_CASES = {
+    "one block": [BLOCK - 1],
+    "block": [BLOCK],
+    "block + 1": [BLOCK + 1],
+    "two blocks and a bit": [2 * BLOCK + 3],
+    "own below pack": [SMALL - 1, 5],
+    "own at pack limit": [SMALL, SMALL + 1, 3],
+    "packs filled exactly": [1024] * (kernels.MEMORY_SHARE * SMALL // 1024),  # a pack of SMALL elements
+    "packs one over": [1025] * (kernels.MEMORY_SHARE * SMALL // 1025 + 1) + [SMALL - 1],
+    "mixed": [BLOCK + 7, SMALL - 1, SMALL, 300, 1, 0, *[97] * 700],
+}
+
+
+def _loop_stats(grads: list[torch.Tensor], limit: float) -> tuple[float, float, float]:
+    """Σg², Σclamp(g)², #{|g| > λ} element by element in float64 (λ is exact in every dtype here)."""
+    flat = torch.cat([g.reshape(-1).double() for g in grads])
+    return (
+        float(flat.square().sum()),
+        float(flat.clamp(-limit, limit).square().sum()),
+        float((flat.abs() > limit).sum()),
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", list(SIZE_CASES))
+def test_block_and_pack_sizes_match_torch_and_a_float64_loop(case: str, dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(len(case))
+    limit = 1.5
+    numels = SIZE_CASES[case]
+    grads = [torch.randn(n, generator=gen, dtype=dtype) for n in numels]
+    for g in grads:
+        if g.numel() > 2:  # elements on the bound are kept and not counted; NaN is neither
+            g[0], g[1], g[g.numel() // 2] = limit, -limit, math.nan
+    grads[0] = grads[0] if grads[0].numel() < 64 else grads[0][: grads[0].numel() // 8 * 8].view(-1, 8).t()
+    want = [g.clone() for g in grads]
+    torch._foreach_clamp_min_(want, -limit)
+    torch._foreach_clamp_max_(want, limit)
+    finite = [g.nan_to_num(0.0) for g in grads]
+    before, after, count = _loop_stats(finite, limit)
+    got_before, got_count, got_after = kernels.clamp_with_stats_(grads, limit)
+    for got, expected in zip(grads, want, strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
+    assert got_before.dtype == got_after.dtype == kernels.accumulation_dtype(dtype)
+    has_nan = any(g.numel() > 2 for g in grads)
+    assert math.isnan(float(got_before)) == has_nan == math.isnan(float(got_after))
+    assert int(got_count) == count
+    # the same without the NaN: sums within the rounding of a float32 (float64) sum of up to 2^21 squares,
+    # strided ones (grads[0]) accumulated row by row as torch's own norm does
+    finite_before, finite_count, finite_after = kernels.clamp_with_stats_(finite, limit)
+    rel = 1e-3 if dtype == torch.float32 else 1e-12
+    assert float(finite_before) == pytest.approx(before, rel=rel)
+    assert float(finite_after) == pytest.approx(after, rel=rel)
+    assert int(finite_count) == count
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_blocks_and_packs_match_torch(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(3)
+    grads = [torch.randn(n, generator=gen).to(dtype) for n in (BLOCK + 5, SMALL, *[33] * 2000)]
+    grads.append(torch.randn(300, 200, generator=gen).to(dtype).t())
+    want = [g.clone() for g in grads]
+    torch._foreach_clamp_min_(want, -0.75)
+    torch._foreach_clamp_max_(want, 0.75)
+    before, after, count = _loop_stats(grads, 0.75)
+    got_before, got_count, got_after = kernels.clamp_with_stats_(grads, 0.75)
+    for got, expected in zip(grads, want, strict=True):
+        assert torch.equal(got, expected)
+    assert got_before.dtype == torch.float32  # summed in float32, as torch's norms of half grads
+    assert float(got_before) == pytest.approx(before, rel=1e-3)
+    assert float(got_after) == pytest.approx(after, rel=1e-3)
+    assert int(got_count) == count

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 import torch
 
 from gradclip_algo import kernels
 from gradclip_algo.distributed import Shards
-from gradclip_algo.norms import group_by_device_and_dtype, power_sums
+from gradclip_algo.norms import group_by_device_and_dtype, sum_dtype
 from gradclip_algo.options import NoOptions
 from gradclip_algo.stats import ClipStats
 
@@ -17,24 +19,36 @@ def clamp_grads_(shards: Shards, clip_value: float) -> None:
         kernels.clamp_([shards.grads[i] for i in indices], clip_value)
 
 
-def _clipped_counts(shards: Shards, clip_value: float) -> torch.Tensor:
-    """``#{|g| > λ}`` per grad, 1-D on the shards' device."""
-    counts = torch.zeros(len(shards.grads), dtype=torch.int64, device=shards.device)
-    for indices in group_by_device_and_dtype(shards.grads).values():
-        found = kernels.count_beyond([shards.grads[i] for i in indices], clip_value)
-        counts[torch.tensor(indices, device=shards.device)] = found.to(shards.device)
-    return counts
-
-
 def clip_by_value(shards: Shards, clip_value: float, options: NoOptions) -> ClipStats:
     """``g ← clamp(g, -λ, λ)`` for every element; an elementwise clamp on every layout.
 
-    Statistics: the L2 norms before and after, and the share of elements with ``|g| > λ``.
+    Statistics: the L2 norms before and after, and the share of elements with ``|g| > λ``, taken in the
+    same pass as the clamp (:func:`~gradclip_algo.kernels.clamp_with_stats_`), per way the grads are split
+    (:attr:`Shards.reduction`), device and dtype, then summed over ranks.
     """
-    norm = shards.global_norm(2.0)
-    counts = _clipped_counts(shards, clip_value)
-    numels = torch.tensor([g.numel() for g in shards.grads], dtype=torch.int64).to(shards.device)
-    clamp_grads_(shards, clip_value)
-    after = shards.total(power_sums(shards.grads, 2.0, shards.device)).sqrt()
-    clipped, numel = shards.total(counts), shards.total(numels)
-    return ClipStats(norm, after, clipped.to(torch.float32) / numel.clamp(min=1).to(torch.float32))
+    by_way: dict[int, list[int]] = defaultdict(list)
+    for i, way in enumerate(shards.reduction):
+        by_way[way].append(i)
+    dtype, device = sum_dtype(shards.grads), shards.device
+    ways: list[int] = []
+    sums: list[torch.Tensor] = []
+    counts: list[torch.Tensor] = []
+    numels: list[int] = []
+    for way, members in by_way.items():
+        grads = [shards.grads[i] for i in members]
+        for indices in group_by_device_and_dtype(grads).values():
+            group = [grads[i] for i in indices]
+            before, count, after = kernels.clamp_with_stats_(group, clip_value)
+            ways.append(way)
+            sums.append(torch.stack([before, after]).to(device, dtype))
+            counts.append(count.to(device))
+            numels.append(sum(g.numel() for g in group))
+    if not ways:  # a rank without grads still joins the reductions
+        sums.append(torch.zeros(2, dtype=dtype, device=device))
+        counts.append(torch.zeros((), dtype=torch.int64, device=device))
+        ways.append(0)
+        numels.append(0)
+    norm, clipped_norm = shards.total(torch.stack(sums), partial=ways).sqrt().unbind()
+    count = torch.stack([torch.stack(counts), torch.tensor(numels, dtype=torch.int64).to(device)], dim=1)
+    clipped, numel = shards.total(count, partial=ways).unbind()
+    return ClipStats(norm, clipped_norm, clipped.to(torch.float32) / numel.clamp(min=1).to(torch.float32))
