@@ -12,7 +12,7 @@ pytest.importorskip("composer")
 pytest.importorskip("timm")
 
 from benchmarks import implementations  # noqa: E402
-from benchmarks.bench_clipping import main  # noqa: E402
+from benchmarks.bench_clipping import SMOKE, main  # noqa: E402
 from benchmarks.cases import (  # noqa: E402
     GPT2_SMALL,
     MANY_SMALL,
@@ -22,6 +22,7 @@ from benchmarks.cases import (  # noqa: E402
     make_model,
 )
 from benchmarks.clipper_setups import SETUPS  # noqa: E402
+from benchmarks.host_syncs import SYNC_CASES  # noqa: E402
 from benchmarks.implementations import (  # noqa: E402
     FLOOR,
     IMPLEMENTATIONS,
@@ -29,7 +30,7 @@ from benchmarks.implementations import (  # noqa: E402
     Implementation,
     deviations_from_reference,
 )
-from benchmarks.trainer_overhead import CONFIGURATIONS  # noqa: E402
+from benchmarks.optimizer_step import FOLDED_CASES, folding_supported, step_cases  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -98,7 +99,31 @@ def test_smoke_run_writes_every_row(tmp_path: Path) -> None:
     setups_section = next(s for s in sections if s.startswith("Statistics-driven types and spike skipping"))
     for setup in SETUPS:
         assert f"| {setup.label} |" in setups_section
-    trainer_section = next(s for s in sections if s.startswith("Composer training step"))
-    for label in CONFIGURATIONS:
-        assert f"| {label} |" in trainer_section
+    step_section = next(s for s in sections if s.startswith("Clipping + fused AdamW step: GPT-2 tiny"))
+    step_labels = [case.label for case in step_cases(folding_supported())]
+    assert _first_column(step_section) == step_labels
+    assert "Ours folded added ÷ torch added" in step_section or "The folded cases are missing" in step_section
+    sync_section = next(s for s in sections if s.startswith("Host syncs per clip + step"))
+    assert _first_column(sync_section) == [*step_labels, *(case.label for case in SYNC_CASES)]
+    syncs = dict(zip(_first_column(sync_section), _column(sync_section, 1), strict=True))
+    assert all(syncs[label] == "0" for label in FOLDED_CASES if label in syncs)
+    assert syncs[SYNC_CASES[0].label] == "1"  # unfolded spike skipping reads its decision once
+    trainer_sections = [s for s in sections if s.startswith("Composer training step")]
+    assert len(trainer_sections) == len(SMOKE.trainer_runs)
+    for run, section in zip(SMOKE.trainer_runs, trainer_sections, strict=True):
+        assert section.startswith(f"Composer training step: {run.case.describe()}")
+        assert _first_column(section) == [c.label for c in run.case.configurations]
+    embedding_section = trainer_sections[1]
+    for clipping_type in ("norm", "value", "adaptive"):
+        assert f"{clipping_type} **" in embedding_section.split("GradClipAlgo overhead ÷ Composer")[1]
     assert "torch 2." in markdown and "torch threads" in markdown
+
+
+def _column(section: str, index: int) -> list[str]:
+    """Cell ``index`` of every body row of the first table in ``section``."""
+    rows = [line.split(" | ") for line in section.splitlines() if line.startswith("| ")][2:]
+    return [row[index].removeprefix("| ").removesuffix(" |") for row in rows]
+
+
+def _first_column(section: str) -> list[str]:
+    return _column(section, 0)
