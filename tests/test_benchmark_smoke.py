@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import runpy
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -127,3 +130,22 @@ def _column(section: str, index: int) -> list[str]:
 
 def _first_column(section: str) -> list[str]:
     return _column(section, 0)
+
+
+def test_gpu_check_without_cuda_says_so_in_one_line() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available: make gpu-check runs for real")
+    script = Path(__file__).resolve().parent.parent / "scripts" / "gpu_check.py"
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=False)
+    assert done.returncode == 2
+    assert done.stdout == "" and done.stderr.count("\n") == 1 and "no CUDA device" in done.stderr
+
+
+def test_gpu_check_tables_run_on_the_cpu_with_a_tiny_case(tmp_path: Path) -> None:
+    script = Path(__file__).resolve().parent.parent / "scripts" / "gpu_check.py"
+    namespace = runpy.run_path(str(script), run_name="gpu_check")
+    output = tmp_path / "RESULTS-gpu.md"
+    markdown = namespace["run_benchmark"](1, output, device="cpu", case_name=SMOKE_CASES[0].name)
+    assert output.read_text() == markdown and "make gpu-check" in markdown
+    for title in ("GPT-2 tiny", "Clipping + fused AdamW step: GPT-2 tiny", "Host syncs per clip + step"):
+        assert f"\n### {title}" in markdown
