@@ -154,6 +154,9 @@ def test_trainer_clips_every_step_under_each_precision(device: str, precision: s
         if precision == "amp_fp16":  # not folded: the grads themselves were clipped before the step
             assert _norm(after.grads[step]) == pytest.approx(min(norm, THRESHOLD), rel=1e-4)
     assert taken >= 4 and clipped >= 1, (taken, clipped)
+    if folding_supported():  # folded into fused SGD, except under fp16 AMP (the GradScaler's attributes)
+        assert algorithm.last_stats is not None
+        assert algorithm.last_stats.folded is (precision != "amp_fp16")
 
 
 # ---- no host sync, folded, with spike skipping --------------------------------------------------------
