@@ -82,8 +82,10 @@ def make_step(case: StepCase, params: list[nn.Parameter], threshold: float) -> C
     clipper = GradientClipper("norm", threshold, **options)
 
     def our_step() -> None:
-        clipper(params)
+        stats = clipper(params)
         optimizer.step()
+        if case.options.get("fold") and not stats.folded:  # one attribute read: no sync, no cost
+            raise RuntimeError(f"{case.label}: the clipping was not folded into the optimizer")
 
     return our_step
 
