@@ -27,6 +27,7 @@ TORCH = "torch clip_grad_norm_ + step"
 FOLDED = "ours folded + step"
 UNFOLDED = "ours unfolded + step"
 FOLDED_SKIP = "ours folded, skip_spikes=6 + step"
+SCALE_ONLY = "AdamW step handed grad_scale = 1 (no clipping)"
 FOLDED_CASES = (FOLDED, FOLDED_SKIP)
 
 
@@ -60,6 +61,7 @@ def step_cases(folding: bool) -> list[StepCase]:
         StepCase(FOLDED, "ours", {"fold": True}),
         StepCase(UNFOLDED, "ours", {}),
         StepCase(FOLDED_SKIP, "ours", {"fold": True, "skip_spikes": 6.0}),
+        StepCase(SCALE_ONLY, "scale", {}),
     ]
     return [case for case in cases if folding or case.label not in FOLDED_CASES]
 
@@ -69,6 +71,15 @@ def make_step(case: StepCase, params: list[nn.Parameter], threshold: float) -> C
     optimizer = fused_adamw(params)
     if case.clip is None:
         return optimizer.step
+    if case.clip == "scale":  # what the fused kernel itself adds when handed a grad_scale (it writes
+        one = torch.ones((), dtype=torch.float32, device=params[0].device)  # the unscaled grads back)
+
+        def scaled_step() -> None:
+            optimizer.grad_scale = one
+            optimizer.step()
+            del optimizer.grad_scale
+
+        return scaled_step
     if case.clip == "torch":
 
         def torch_step() -> None:
