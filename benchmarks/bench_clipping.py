@@ -85,7 +85,7 @@ FULL = Settings(
     step_case=GPT2_SMALL,
     step_rounds=30,
     sync_steps=5,
-    trainer_runs=(TrainerRun(mlp_case(), 15, 30), TrainerRun(embedding_case(), 10, 20)),
+    trainer_runs=(TrainerRun(mlp_case(), 15, 30), TrainerRun(embedding_case(), 8, 15)),
 )
 SMOKE = Settings(
     SMOKE_CASES,
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> str:
         print(tables[-1], end="\n\n", flush=True)
     for run in settings.trainer_runs:
         step_times = measure_step_overhead(run.case, run.blocks, run.steps_per_block)
-        tables.append(overhead_table(run.case.describe(), step_times))
+        tables.append(overhead_table(run.case.describe(), step_times, run.case.targets))
         print(tables[-1], end="\n\n", flush=True)
     markdown = results_markdown(machine_description(), tables)
     if output is not None:

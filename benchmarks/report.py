@@ -165,7 +165,7 @@ def optimizer_step_table(result: StepResult) -> str:
     return "\n".join(lines)
 
 
-def overhead_table(title: str, step_times: list[StepTime]) -> str:
+def overhead_table(title: str, step_times: list[StepTime], targets: bool = True) -> str:
     """Step time and overhead per configuration; per clipping type ours-overhead ÷ Composer-overhead."""
     lines = [
         f"### Composer training step: {title}, CPU",
@@ -191,7 +191,7 @@ def overhead_table(title: str, step_times: list[StepTime]) -> str:
         }
         if COMPOSER in by_family and OURS_ALGORITHM in by_family:
             ratio = _ratio(by_family[OURS_ALGORITHM], by_family[COMPOSER]).replace("torch", "Composer")
-            ratios.append(f"{clipping_type} **{ratio}** (target <= {target})")
+            ratios.append(f"{clipping_type} **{ratio}**" + (f" (target <= {target})" if targets else ""))
     if ratios:
         lines.append(f"\nGradClipAlgo overhead ÷ Composer GradientClipping overhead: {', '.join(ratios)}.")
     return "\n".join(lines)

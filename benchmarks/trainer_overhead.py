@@ -96,6 +96,8 @@ class TrainerCase:
     classes: int
     batch: int
     configurations: tuple[Configuration, ...]
+    targets: bool = False
+    """Whether the per-type ratio ours ÷ Composer is read against the targets (the embedding case)."""
 
     def parameter_count(self) -> int:
         return sum(param.numel() for param in self.make_module().parameters())
@@ -159,6 +161,7 @@ def embedding_case(
                 )
             ),
         ),
+        targets=True,
     )
 
 
