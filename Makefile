@@ -10,7 +10,7 @@ CORE_TORCH ?= torch==2.13.0
 LLMFOUNDRY_VENV := .venv-llmfoundry
 LLMFOUNDRY ?= llm-foundry==0.22.0
 
-.PHONY: test test-core fuzz lint demo bench spikes clean llmfoundry-check wheel-check
+.PHONY: test test-core fuzz lint demo bench gpu-check spikes clean llmfoundry-check wheel-check
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -52,6 +52,12 @@ demo: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(VENV)/bin/python -m benchmarks.bench_clipping
+
+# On one CUDA GPU, in under 8 min: the tests marked cuda (Composer under amp_bf16 / amp_fp16, no host sync
+# when folded, folded equals unfolded), then the benchmark's CUDA tables, bounded, into
+# benchmarks/RESULTS-gpu.md. Without CUDA it says so in one line and fails (exit status 2).
+gpu-check: $(VENV)/.installed
+	$(VENV)/bin/python scripts/gpu_check.py
 
 # A small transformer language model whose unclipped AdamW run spikes, against every clipping type over
 # 3 seeds: calibration, tables and runs/demo_lm*/{loss,grad_norms,layer_norms}.png.

@@ -16,6 +16,7 @@ import torch
 from benchmarks.cases import (
     FULL_CASES,
     GPT2_BLOCKS,
+    GPT2_SMALL,
     SMOKE_BLOCKS,
     SMOKE_CASES,
     Case,
@@ -24,19 +25,23 @@ from benchmarks.cases import (
     make_model,
 )
 from benchmarks.clipper_setups import time_setups
+from benchmarks.host_syncs import count_syncs
 from benchmarks.implementations import FLOOR, IMPLEMENTATIONS, deviations_from_reference, floor_candidates
 from benchmarks.memory import peak_extra_bytes
+from benchmarks.optimizer_step import time_optimizer_steps
 from benchmarks.report import (
     CaseResult,
     Row,
     case_table,
+    host_sync_table,
     machine_description,
+    optimizer_step_table,
     overhead_table,
     results_markdown,
     setups_table,
 )
 from benchmarks.timing import round_robin
-from benchmarks.trainer_overhead import measure_step_overhead, mlp_parameter_count
+from benchmarks.trainer_overhead import TrainerCase, embedding_case, measure_step_overhead, mlp_case
 from gradclip_algo import apply_gradient_clipping
 
 CPU_THREADS = 2
@@ -49,20 +54,51 @@ squares by ~5e-3, against fp64), so implementations that sum in another order di
 
 
 @dataclass(frozen=True)
+class TrainerRun:
+    """A Composer training-step table: the case, its timed blocks and steps per block."""
+
+    case: TrainerCase
+    blocks: int
+    steps_per_block: int
+
+
+@dataclass(frozen=True)
 class Settings:
     cases: tuple[Case, ...]
     setups_case: Case
     rounds: int
     warmup_rounds: int
-    trainer_blocks: int
-    trainer_steps_per_block: int
+    step_case: Case
+    step_rounds: int
+    sync_steps: int
+    trainer_runs: tuple[TrainerRun, ...]
 
+
+SYNC_CASE = SMOKE_CASES[0]
+"""Host syncs per step do not depend on the sizes: counted on the tiny GPT-2 in every mode."""
 
 FULL = Settings(
-    FULL_CASES, GPT2_BLOCKS, rounds=30, warmup_rounds=1, trainer_blocks=15, trainer_steps_per_block=30
+    FULL_CASES,
+    GPT2_BLOCKS,
+    rounds=30,
+    warmup_rounds=1,
+    step_case=GPT2_SMALL,
+    step_rounds=30,
+    sync_steps=5,
+    trainer_runs=(TrainerRun(mlp_case(), 15, 30), TrainerRun(embedding_case(), 8, 15)),
 )
 SMOKE = Settings(
-    SMOKE_CASES, SMOKE_BLOCKS, rounds=2, warmup_rounds=1, trainer_blocks=1, trainer_steps_per_block=2
+    SMOKE_CASES,
+    SMOKE_BLOCKS,
+    rounds=2,
+    warmup_rounds=1,
+    step_case=SMOKE_CASES[0],
+    step_rounds=2,
+    sync_steps=1,
+    trainer_runs=(
+        TrainerRun(mlp_case(features=8, hidden=16), 1, 2),
+        TrainerRun(embedding_case(vocab=64, width=8), 1, 2),
+    ),
 )
 
 
@@ -72,6 +108,11 @@ def device_runs() -> list[tuple[torch.device, torch.dtype]]:
     if torch.cuda.is_available():
         runs += [(torch.device("cuda"), torch.float32), (torch.device("cuda"), torch.bfloat16)]
     return runs
+
+
+def step_runs() -> list[tuple[torch.device, torch.dtype]]:
+    """The optimizer-step and host-sync tables: CPU, and with CUDA the GPU, in fp32."""
+    return [run for run in device_runs() if run[1] == torch.float32]
 
 
 def benchmark_case(case: Case, device: torch.device, dtype: torch.dtype, settings: Settings) -> CaseResult:
@@ -139,9 +180,19 @@ def main(argv: list[str] | None = None) -> str:
         )
     )
     print(tables[-1], end="\n\n", flush=True)
-    step_times = measure_step_overhead(settings.trainer_blocks, settings.trainer_steps_per_block)
-    tables.append(overhead_table(step_times, mlp_parameter_count()))
-    print(tables[-1], end="\n\n")
+    for device, dtype in step_runs():
+        result = time_optimizer_steps(settings.step_case, device, dtype, settings.step_rounds, 1)
+        tables.append(optimizer_step_table(result))
+        print(tables[-1], end="\n\n", flush=True)
+    for device, _ in step_runs():
+        syncs = count_syncs(SYNC_CASE, device, settings.sync_steps)
+        title = f"{SYNC_CASE.describe()}, {device.type.upper()} float32"
+        tables.append(host_sync_table(title, syncs, device.type))
+        print(tables[-1], end="\n\n", flush=True)
+    for run in settings.trainer_runs:
+        step_times = measure_step_overhead(run.case, run.blocks, run.steps_per_block)
+        tables.append(overhead_table(run.case.describe(), step_times, run.case.targets))
+        print(tables[-1], end="\n\n", flush=True)
     markdown = results_markdown(machine_description(), tables)
     if output is not None:
         output.write_text(markdown)

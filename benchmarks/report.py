@@ -14,7 +14,9 @@ from pathlib import Path
 import torch
 
 from benchmarks.implementations import FLOOR, OURS, OURS_WITHOUT_STATS, REFERENCE
-from benchmarks.trainer_overhead import StepTime
+from benchmarks.optimizer_step import FOLDED, SCALE_ONLY, STEP_ALONE, TORCH, UNFOLDED, StepResult
+from benchmarks.trainer_overhead import COMPOSER, StepTime
+from benchmarks.trainer_overhead import OURS as OURS_ALGORITHM
 
 MS = 1e3
 
@@ -101,9 +103,72 @@ def case_table(result: CaseResult) -> str:
     return "\n".join(lines)
 
 
-def overhead_table(step_times: list[StepTime], parameters: int) -> str:
+STEP_TARGET = 0.4
+"""Ours folded: its added cost over the step alone at most this share of torch clip_grad_norm_'s."""
+TRAINER_TARGETS = {"norm": 0.5, "value": 1.0, "adaptive": 1.0}
+"""Per clipping type: GradClipAlgo's step overhead at most this share of Composer GradientClipping's."""
+
+
+def _quartiles_ms(values: list[float]) -> str:
+    if len(values) < 2:
+        return "-"
+    low, _, high = statistics.quantiles(values, n=4, method="inclusive")
+    return f"{low * MS:.2f}-{high * MS:.2f}"
+
+
+def _ratio(numerator: float, denominator: float) -> str:
+    return f"{numerator / denominator:.2f}" if denominator > 0 else "n/a (torch added <= 0)"
+
+
+def optimizer_step_table(result: StepResult) -> str:
+    """Median, quartiles and added cost over the step alone per case; ours added ÷ torch added."""
     lines = [
-        f"### Composer training step, MLP with {parameters / 1e6:.2f} M parameters, CPU",
+        f"### Clipping + fused AdamW step: {result.title}",
+        "",
+        "| case | median ms | quartiles ms | added over step alone, ms (quartiles) | added ÷ torch added |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    torch_added = result.added_median(TORCH)
+    for label, seconds in result.seconds.items():
+        if label == STEP_ALONE:
+            added, ratio = "-", "-"
+        else:
+            added = f"{result.added_median(label) * MS:+.2f} ({_quartiles_ms(result.added(label))})"
+            ratio = _ratio(result.added_median(label), torch_added)
+        lines.append(
+            f"| {label} | {statistics.median(seconds) * MS:.2f} | {_quartiles_ms(seconds)} | {added} | {ratio} |"
+        )
+    rounds = len(result.seconds[STEP_ALONE])
+    lines += [
+        "",
+        f"Norm threshold λ = {result.threshold:.4g} (half the grads' norm: every case clips). Medians over "
+        f"{rounds} interleaved rounds; the added cost is the median over rounds of (case - step alone) in "
+        "the same round.",
+    ]
+    if SCALE_ONLY in result.seconds:
+        lines.append(
+            f"\n`{SCALE_ONLY}` isolates what the fused kernel adds when handed a `grad_scale`: it writes the "
+            "unscaled grads back into `.grad`, so a fold saves torch's separate rescaling pass (a read and "
+            "a write of every grad) but still pays one write inside the step."
+        )
+    if FOLDED in result.seconds:
+        ours = result.added_median(FOLDED)
+        lines.append(
+            f"\nOurs folded added ÷ torch added: **{_ratio(ours, torch_added)}** (target <= {STEP_TARGET}); "
+            f"unfolded: {_ratio(result.added_median(UNFOLDED), torch_added)}."
+        )
+    else:
+        lines.append(
+            "\nThe folded cases are missing: this gradclip_algo has no `fold_into` (folding); "
+            f"ours unfolded added ÷ torch added: {_ratio(result.added_median(UNFOLDED), torch_added)}."
+        )
+    return "\n".join(lines)
+
+
+def overhead_table(title: str, step_times: list[StepTime], targets: bool = True) -> str:
+    """Step time and overhead per configuration; per clipping type ours-overhead ÷ Composer-overhead."""
+    lines = [
+        f"### Composer training step: {title}, CPU",
         "",
         "| configuration | median step ms | overhead ms | overhead, % of step |",
         "| --- | ---: | ---: | ---: |",
@@ -117,6 +182,36 @@ def overhead_table(step_times: list[StepTime], parameters: int) -> str:
     lines.append(
         f"\nMedians over {first.blocks} timed blocks of {first.steps_per_block} steps per configuration."
     )
+    ratios = []
+    for clipping_type, target in TRAINER_TARGETS.items():
+        by_family = {
+            step.configuration.family: step.overhead_s
+            for step in step_times
+            if step.configuration.clipping_type == clipping_type and "log_interval" not in step.label
+        }
+        if COMPOSER in by_family and OURS_ALGORITHM in by_family:
+            ratio = _ratio(by_family[OURS_ALGORITHM], by_family[COMPOSER]).replace("torch", "Composer")
+            ratios.append(f"{clipping_type} **{ratio}**" + (f" (target <= {target})" if targets else ""))
+    if ratios:
+        lines.append(f"\nGradClipAlgo overhead ÷ Composer GradientClipping overhead: {', '.join(ratios)}.")
+    return "\n".join(lines)
+
+
+def host_sync_table(title: str, syncs: dict[str, float], device_type: str) -> str:
+    """Host synchronisations per step of every case."""
+    what = (
+        "synchronising CUDA calls (`torch.cuda.set_sync_debug_mode('warn')`)"
+        if device_type == "cuda"
+        else "reads of a tensor into Python (`item`, `bool`, `float`, `tolist`, `nonzero`, ...)"
+    )
+    lines = [f"### Host syncs per clip + step: {title}", "", "| case | syncs per step |", "| --- | ---: |"]
+    lines += [f"| {label} | {count:g} |" for label, count in syncs.items()]
+    lines.append(f"\nCounted: {what}, after the spike window is half full.")
+    if device_type == "cpu":
+        lines.append(
+            "On CPU `tests/test_no_sync.py` asserts none for the folded cases (its guard raises on any "
+            "such read); the GPU check asserts it with `torch.cuda.set_sync_debug_mode('error')`."
+        )
     return "\n".join(lines)
 
 
@@ -197,20 +292,34 @@ How it is measured (`benchmarks/`):
   before it, in % of the grads' bytes. On CPU it is read from the allocator events that
   `torch.profiler.profile(profile_memory=True)` records (+bytes per allocation, -bytes per free, summed in
   time order); on CUDA from `torch.cuda.max_memory_allocated`.
+- Clipping + fused AdamW step: each case (the step alone, torch's `clip_grad_norm_` then the step,
+  ours folded into the optimizer, ours unfolded, ours folded with `skip_spikes=6`) has its own copy of
+  the parameters and its own `torch.optim.AdamW(params, lr=1e-4, fused=True)`; all share one set of grad
+  tensors, restored before every call (untimed). One round calls every case once, in an order rotated
+  by one each round; one untimed round first (it also creates the optimizer states). A case's added
+  cost is the median over rounds of (its time - the step alone's in the same round); the ratio divides
+  ours by torch's. Folded, ours computes the norm and hands the coefficient to the fused kernel as
+  `grad_scale` (no pass over the grads to rescale them); skipping becomes the kernel's `found_inf`.
 - Training-step overhead: one Composer `Trainer` per configuration (no clipping, Composer's
-  `GradientClipping`, `gradclip_algo.GradClipAlgo` logging every step and every 100 steps) trains the
-  same MLP on the same data; blocks of steps alternate between them (one warm-up block each); a step is
-  timed from `BATCH_START` to `BATCH_END` (forward, backward, clipping, optimizer step). The step time is
-  the median of the block medians; the overhead is the median over blocks of (block median - the block
-  median without clipping), which cancels drifts in machine load between blocks.
+  `GradientClipping`, `gradclip_algo.GradClipAlgo` with its defaults: it folds into the optimizer where
+  it is exact) trains the same model on the same data; blocks of steps alternate between them (one
+  warm-up block each); a step is timed from `BATCH_START` to `BATCH_END` (forward, backward, clipping,
+  optimizer step). The step time is the median of the block medians; the overhead is the median over
+  blocks of (block median - the block median without clipping), which cancels drifts in machine load
+  between blocks. Two models: a small MLP with SGD (fixed per-step costs such as logging show), and
+  `nn.Embedding(50257, 768)` (dense grads) + a linear head under fused AdamW: a cheap forward and large
+  parameters, so the step is dominated by passes over the grads and the optimizer's.
+- Host syncs: the cases of the optimizer-step table on a tiny model, counted per step after the spike
+  window is half full; on CUDA every synchronising call (sync debug mode), on CPU every read of a tensor
+  into Python.
 - Reading the tables: `ours ÷ this` is gradclip_algo's median over this row's median, so below 1 means
   gradclip_algo is faster; on the floor row it is how many floors gradclip_algo takes.
 """
 
 
-def results_markdown(machine: str, tables: list[str]) -> str:
+def results_markdown(machine: str, tables: list[str], written_by: str = "`make bench`") -> str:
     """The whole RESULTS.md: machine, method, then every table."""
     return (
-        "\n\n".join(["# Benchmark results", "Written by `make bench`.", machine, METHOD.rstrip(), *tables])
+        "\n\n".join(["# Benchmark results", f"Written by {written_by}.", machine, METHOD.rstrip(), *tables])
         + "\n"
     )

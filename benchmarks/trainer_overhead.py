@@ -1,4 +1,9 @@
-"""Time per Composer training step with and without a clipping algorithm (small MLP, CPU)."""
+"""Time per Composer training step with and without a clipping algorithm (CPU).
+
+Two models: a small MLP with SGD (a step of a few ms, so fixed per-step costs such as logging show), and
+an embedding with dense grads plus a small head under fused AdamW (large parameters, a cheap forward:
+the step is dominated by passes over the grads and the optimizer's, where clipping's passes show).
+"""
 
 from __future__ import annotations
 
@@ -17,9 +22,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from gradclip_algo import GradClipAlgo
 
-FEATURES, HIDDEN, CLASSES, BATCH = 256, 1024, 10, 64
-THRESHOLD = 1.0
 NO_CLIPPING = "no clipping"
+COMPOSER = "composer"
+OURS = "gradclip_algo"
 
 
 class StepTimer(Callback):
@@ -37,52 +42,154 @@ class StepTimer(Callback):
 
 
 @dataclass(frozen=True)
+class Configuration:
+    """The algorithms of one ``Trainer``: ``family`` (none, composer, gradclip_algo) and clipping type."""
+
+    label: str
+    family: str
+    clipping_type: str | None
+    make: Callable[[], list[Algorithm]]
+
+
+def no_clipping() -> Configuration:
+    return Configuration(NO_CLIPPING, NO_CLIPPING, None, list)
+
+
+def composer_clipping(clipping_type: str, threshold: float) -> Configuration:
+    return Configuration(
+        f"composer GradientClipping('{clipping_type}', {threshold})",
+        COMPOSER,
+        clipping_type,
+        lambda: [ComposerGradientClipping(clipping_type, threshold)],
+    )
+
+
+def our_clipping(clipping_type: str, threshold: float, log_interval: int = 1) -> Configuration:
+    extra = f", log_interval={log_interval}" if log_interval != 1 else ""
+    return Configuration(
+        f"gradclip_algo GradClipAlgo('{clipping_type}', {threshold}{extra})",
+        OURS,
+        clipping_type,
+        lambda: [GradClipAlgo(clipping_type, threshold, log_interval=log_interval)],
+    )
+
+
+class MeanEmbedding(nn.Module):
+    """Token ids (batch, tokens) to the mean of their embeddings (batch, width); dense grads."""
+
+    def __init__(self, vocab: int, width: int) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, width)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embedding(tokens).mean(dim=1)
+
+
+@dataclass(frozen=True)
+class TrainerCase:
+    """A model, its data and optimizer, and the configurations timed on it."""
+
+    title: str
+    make_module: Callable[[], nn.Module]
+    make_inputs: Callable[[torch.Generator, int], torch.Tensor]
+    make_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+    classes: int
+    batch: int
+    configurations: tuple[Configuration, ...]
+    targets: bool = False
+    """Whether the per-type ratio ours ÷ Composer is read against the targets (the embedding case)."""
+
+    def parameter_count(self) -> int:
+        return sum(param.numel() for param in self.make_module().parameters())
+
+    def describe(self) -> str:
+        return f"{self.title} ({self.parameter_count() / 1e6:.2f} M parameters)"
+
+
+def mlp_case(features: int = 256, hidden: int = 1024, classes: int = 10, batch: int = 64) -> TrainerCase:
+    def module() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Linear(features, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, classes),
+        )
+
+    return TrainerCase(
+        title="MLP, SGD",
+        make_module=module,
+        make_inputs=lambda generator, n: torch.randn(n, features, generator=generator),
+        make_optimizer=lambda params: torch.optim.SGD(params, lr=0.01),
+        classes=classes,
+        batch=batch,
+        configurations=(
+            no_clipping(),
+            composer_clipping("norm", 1.0),
+            our_clipping("norm", 1.0),
+            our_clipping("norm", 1.0, log_interval=100),
+        ),
+    )
+
+
+def embedding_case(
+    vocab: int = 50257, width: int = 768, classes: int = 10, batch: int = 8, tokens: int = 16
+) -> TrainerCase:
+    """``nn.Embedding(vocab, width)`` (dense grads: every step writes and clips all vocab x width) + a head."""
+
+    def module() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(MeanEmbedding(vocab, width), nn.Linear(width, classes))
+
+    thresholds = {"norm": 1.0, "value": 1e-3, "adaptive": 0.01}
+    return TrainerCase(
+        title=f"nn.Embedding({vocab}, {width}) + Linear head, fused AdamW",
+        make_module=module,
+        make_inputs=lambda generator, n: torch.randint(0, vocab, (n, tokens), generator=generator),
+        make_optimizer=lambda params: torch.optim.AdamW(params, lr=1e-4, fused=True),
+        classes=classes,
+        batch=batch,
+        configurations=(
+            no_clipping(),
+            *(
+                configuration
+                for clipping_type, threshold in thresholds.items()
+                for configuration in (
+                    composer_clipping(clipping_type, threshold),
+                    our_clipping(clipping_type, threshold),
+                )
+            ),
+        ),
+        targets=True,
+    )
+
+
+@dataclass(frozen=True)
 class StepTime:
     """Median step time of one configuration and its overhead over the run without clipping."""
 
-    label: str
+    configuration: Configuration
     median_s: float
     overhead_s: float
     overhead_share: float
     blocks: int
     steps_per_block: int
 
-
-CONFIGURATIONS: dict[str, Callable[[], list[Algorithm]]] = {
-    NO_CLIPPING: list,
-    f"composer GradientClipping('norm', {THRESHOLD})": lambda: [ComposerGradientClipping("norm", THRESHOLD)],
-    f"gradclip_algo GradClipAlgo('norm', {THRESHOLD})": lambda: [GradClipAlgo("norm", THRESHOLD)],
-    f"gradclip_algo GradClipAlgo('norm', {THRESHOLD}, log_interval=100)": lambda: [
-        GradClipAlgo("norm", THRESHOLD, log_interval=100)
-    ],
-}
-"""Each makes the algorithms of one ``Trainer``; gradclip_algo's logs every step unless told otherwise."""
+    @property
+    def label(self) -> str:
+        return self.configuration.label
 
 
-def _mlp() -> nn.Sequential:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Linear(FEATURES, HIDDEN),
-        nn.ReLU(),
-        nn.Linear(HIDDEN, HIDDEN),
-        nn.ReLU(),
-        nn.Linear(HIDDEN, CLASSES),
-    )
-
-
-def mlp_parameter_count() -> int:
-    return sum(param.numel() for param in _mlp().parameters())
-
-
-def _trainer(algorithms: list[Algorithm], timer: StepTimer) -> Trainer:
+def _trainer(case: TrainerCase, algorithms: list[Algorithm], timer: StepTimer) -> Trainer:
     generator = torch.Generator().manual_seed(0)
-    inputs = torch.randn(32 * BATCH, FEATURES, generator=generator)
-    targets = torch.randint(0, CLASSES, (32 * BATCH,), generator=generator)
-    model = ComposerClassifier(_mlp(), num_classes=CLASSES)
+    inputs = case.make_inputs(generator, 32 * case.batch)
+    targets = torch.randint(0, case.classes, (32 * case.batch,), generator=generator)
+    model = ComposerClassifier(case.make_module(), num_classes=case.classes)
     return Trainer(
         model=model,
-        train_dataloader=DataLoader(TensorDataset(inputs, targets), batch_size=BATCH),
-        optimizers=torch.optim.SGD(model.parameters(), lr=0.01),
+        train_dataloader=DataLoader(TensorDataset(inputs, targets), batch_size=case.batch),
+        optimizers=case.make_optimizer(list(model.parameters())),
         algorithms=algorithms,
         callbacks=[timer],
         loggers=[],
@@ -93,16 +200,17 @@ def _trainer(algorithms: list[Algorithm], timer: StepTimer) -> Trainer:
     )
 
 
-def measure_step_overhead(blocks: int, steps_per_block: int) -> list[StepTime]:
+def measure_step_overhead(case: TrainerCase, blocks: int, steps_per_block: int) -> list[StepTime]:
     """Median step time per configuration, and its overhead over the run without clipping.
 
     Blocks of ``steps_per_block`` steps alternate between the configurations (one ``Trainer`` each, trained
     on with ``fit(duration=...)``); the first block is warm-up. The overhead is the median over blocks of
     the difference of block medians, so a drift in machine load between blocks cancels out.
     """
-    timers = {label: StepTimer() for label in CONFIGURATIONS}
-    trainers = {label: _trainer(make(), timers[label]) for label, make in CONFIGURATIONS.items()}
-    block_medians: dict[str, list[float]] = {label: [] for label in CONFIGURATIONS}
+    configurations = case.configurations
+    timers = {c.label: StepTimer() for c in configurations}
+    trainers = {c.label: _trainer(case, c.make(), timers[c.label]) for c in configurations}
+    block_medians: dict[str, list[float]] = {c.label: [] for c in configurations}
     for block in range(blocks + 1):
         for label, trainer in trainers.items():
             timers[label].seconds.clear()
@@ -113,10 +221,17 @@ def measure_step_overhead(blocks: int, steps_per_block: int) -> list[StepTime]:
         trainer.close()
     baseline = block_medians[NO_CLIPPING]
     results = []
-    for label, medians in block_medians.items():
+    for configuration in configurations:
+        medians = block_medians[configuration.label]
         overhead = statistics.median(m - b for m, b in zip(medians, baseline, strict=True))
-        median = statistics.median(medians)
         results.append(
-            StepTime(label, median, overhead, overhead / statistics.median(baseline), blocks, steps_per_block)
+            StepTime(
+                configuration,
+                statistics.median(medians),
+                overhead,
+                overhead / statistics.median(baseline),
+                blocks,
+                steps_per_block,
+            )
         )
     return results

@@ -433,6 +433,7 @@ def test_amp_fp16_propagates_nonfinite_grads_warns_once_and_counts_scaler_skips(
     assert algorithm.nonfinite == "error"
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Composer runs AMP precisions on GPU only")
 @pytest.mark.parametrize("precision", ["amp_fp16", "amp_bf16"])
 def test_amp_precisions_on_gpu(precision: str) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import runpy
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +15,7 @@ pytest.importorskip("composer")
 pytest.importorskip("timm")
 
 from benchmarks import implementations  # noqa: E402
-from benchmarks.bench_clipping import main  # noqa: E402
+from benchmarks.bench_clipping import SMOKE, main  # noqa: E402
 from benchmarks.cases import (  # noqa: E402
     GPT2_SMALL,
     MANY_SMALL,
@@ -22,6 +25,7 @@ from benchmarks.cases import (  # noqa: E402
     make_model,
 )
 from benchmarks.clipper_setups import SETUPS  # noqa: E402
+from benchmarks.host_syncs import SYNC_CASES  # noqa: E402
 from benchmarks.implementations import (  # noqa: E402
     FLOOR,
     IMPLEMENTATIONS,
@@ -29,7 +33,7 @@ from benchmarks.implementations import (  # noqa: E402
     Implementation,
     deviations_from_reference,
 )
-from benchmarks.trainer_overhead import CONFIGURATIONS  # noqa: E402
+from benchmarks.optimizer_step import FOLDED_CASES, folding_supported, step_cases  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -98,7 +102,50 @@ def test_smoke_run_writes_every_row(tmp_path: Path) -> None:
     setups_section = next(s for s in sections if s.startswith("Statistics-driven types and spike skipping"))
     for setup in SETUPS:
         assert f"| {setup.label} |" in setups_section
-    trainer_section = next(s for s in sections if s.startswith("Composer training step"))
-    for label in CONFIGURATIONS:
-        assert f"| {label} |" in trainer_section
+    step_section = next(s for s in sections if s.startswith("Clipping + fused AdamW step: GPT-2 tiny"))
+    step_labels = [case.label for case in step_cases(folding_supported())]
+    assert _first_column(step_section) == step_labels
+    assert "Ours folded added ÷ torch added" in step_section or "The folded cases are missing" in step_section
+    sync_section = next(s for s in sections if s.startswith("Host syncs per clip + step"))
+    assert _first_column(sync_section) == [*step_labels, *(case.label for case in SYNC_CASES)]
+    syncs = dict(zip(_first_column(sync_section), _column(sync_section, 1), strict=True))
+    assert all(syncs[label] == "0" for label in FOLDED_CASES if label in syncs)
+    assert syncs[SYNC_CASES[0].label] == "1"  # unfolded spike skipping reads its decision once
+    trainer_sections = [s for s in sections if s.startswith("Composer training step")]
+    assert len(trainer_sections) == len(SMOKE.trainer_runs)
+    for run, section in zip(SMOKE.trainer_runs, trainer_sections, strict=True):
+        assert section.startswith(f"Composer training step: {run.case.describe()}")
+        assert _first_column(section) == [c.label for c in run.case.configurations]
+    embedding_section = trainer_sections[1]
+    for clipping_type in ("norm", "value", "adaptive"):
+        assert f"{clipping_type} **" in embedding_section.split("GradClipAlgo overhead ÷ Composer")[1]
     assert "torch 2." in markdown and "torch threads" in markdown
+
+
+def _column(section: str, index: int) -> list[str]:
+    """Cell ``index`` of every body row of the first table in ``section``."""
+    rows = [line.split(" | ") for line in section.splitlines() if line.startswith("| ")][2:]
+    return [row[index].removeprefix("| ").removesuffix(" |") for row in rows]
+
+
+def _first_column(section: str) -> list[str]:
+    return _column(section, 0)
+
+
+def test_gpu_check_without_cuda_says_so_in_one_line() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available: make gpu-check runs for real")
+    script = Path(__file__).resolve().parent.parent / "scripts" / "gpu_check.py"
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=False)
+    assert done.returncode == 2
+    assert done.stdout == "" and done.stderr.count("\n") == 1 and "no CUDA device" in done.stderr
+
+
+def test_gpu_check_tables_run_on_the_cpu_with_a_tiny_case(tmp_path: Path) -> None:
+    script = Path(__file__).resolve().parent.parent / "scripts" / "gpu_check.py"
+    namespace = runpy.run_path(str(script), run_name="gpu_check")
+    output = tmp_path / "RESULTS-gpu.md"
+    markdown = namespace["run_benchmark"](1, output, device="cpu", case_name=SMOKE_CASES[0].name)
+    assert output.read_text() == markdown and "make gpu-check" in markdown
+    for title in ("GPT-2 tiny", "Clipping + fused AdamW step: GPT-2 tiny", "Host syncs per clip + step"):
+        assert f"\n### {title}" in markdown

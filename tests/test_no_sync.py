@@ -118,6 +118,7 @@ def test_nonfinite_skip_and_error_sync_as_documented(
         apply_gradient_clipping(mixed_model, "norm", 1.0, nonfinite=nonfinite)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize(("clipping_type", "threshold", "options"), NO_SYNC_CASES)
 def test_no_sync_on_cuda(clipping_type: str, threshold: float, options: dict[str, Any]) -> None:

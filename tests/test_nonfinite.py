@@ -167,6 +167,7 @@ def test_zero_equals_clipping_with_the_bad_elements_zeroed_by_hand(
 
 
 @pytest.mark.composer
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Composer's fp16 AMP needs a GPU")
 def test_fp16_amp_leaves_inf_steps_to_the_grad_scaler() -> None:
     """Under fp16 AMP the GradScaler skips the step with an inf grad; ``nonfinite='error'`` must not raise
