@@ -21,8 +21,7 @@ each covered at and around its size limits by the differential fuzz (``tests/tes
 - Any device: :func:`clamp_with_stats_` runs a block at a time (on CPU of at most
   :data:`CLAMP_BLOCK_NUMEL` elements) through its norm, count, clamp and norm after, reading it from
   memory once; tensors under :data:`CPU_DOT_MIN_NUMEL` elements go through it packed, at most that many
-  elements a pack, with ATen's own kernels only (no BLAS: a BLAS call between ATen's threaded ops can
-  wait milliseconds for CPU threads on a busy machine).
+  elements a pack; sums of squares by BLAS dot on CPU float32/float64 blocks, as for the norm.
 - CPU: AGC on a tensor of more than :data:`CPU_REUSE_NUMEL` elements runs a block of whole rows at a
   time: its norms, then its multiply while it is still in cache.
 - Any device: AGC on small tensors of one shape runs on their stack (:data:`STACK_NUMEL` elements at a
@@ -314,15 +313,21 @@ def _blocks(tensor: Tensor, numel: int) -> Iterator[Tensor]:
     yield from tensor.split(max(1, numel // max(1, tensor[0].numel())))
 
 
+def _square_sum(block: Tensor) -> Tensor:
+    """``Σ b²`` of one block in the accumulation dtype: a BLAS dot where :func:`_cpu_power_sum` serves it."""
+    if block.is_contiguous() and _has_cpu_kernel(block, 2.0):
+        return _cpu_power_sum(block, 2.0)
+    return torch.linalg.vector_norm(block, dtype=accumulation_dtype(block.dtype)).square()
+
+
 def _clamp_block_(block: Tensor, limit: float, scratch: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(‖b‖, #{|b| > limit}, ‖b‖ after)`` of one block, clamped in place in between (accumulation dtype);
-    ``|b|`` goes to ``scratch`` (at least as large, same dtype) for the count."""
-    accumulate = accumulation_dtype(block.dtype)
-    before = torch.linalg.vector_norm(block, dtype=accumulate)
+    """``(Σb², #{|b| > limit}, Σb² after)`` of one block, clamped in place in between (accumulation
+    dtype); ``|b|`` goes to ``scratch`` (at least as large, same dtype) for the count."""
+    before = _square_sum(block)
     magnitude = torch.abs(block, out=scratch[: block.numel()].view_as(block))
-    count = magnitude.gt_(limit).sum(dtype=accumulate)
+    count = magnitude.gt_(limit).sum(dtype=accumulation_dtype(block.dtype))
     block.clamp_(-limit, limit)
-    return before, count, torch.linalg.vector_norm(block, dtype=accumulate)
+    return before, count, _square_sum(block)
 
 
 def clamp_with_stats_(tensors: list[Tensor], limit: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -366,4 +371,4 @@ def clamp_with_stats_(tensors: list[Tensor], limit: float) -> tuple[Tensor, Tens
         zero = torch.zeros((), dtype=accumulation_dtype(first.dtype), device=first.device)
         return zero, zero.to(torch.int64), zero
     before, count, after = (torch.stack(values) for values in zip(*parts, strict=True))
-    return before.square().sum(), count.to(torch.int64).sum(), after.square().sum()
+    return before.sum(), count.to(torch.int64).sum(), after.sum()
