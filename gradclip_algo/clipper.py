@@ -171,7 +171,8 @@ class GradientClipper:
             elif bool(nonfinite):  # the host sync these modes need unless folded
                 if self.nonfinite == "error":
                     raise self._nonfinite_error(selected, grads, module, norm)
-                return _skip_step(everything, norm)
+                skipped = _skip_step(everything, norm)
+                return skipped if with_stats else None
         if self.skip_spikes is not None:
             judged = self._judge_spike(shards, everything, plan, skip)
             if isinstance(judged, ClipStats):

@@ -211,3 +211,12 @@ def test_fp16_amp_leaves_inf_steps_to_the_grad_scaler() -> None:
     assert all(torch.equal(a, b) for a, b in zip(weights.seen[1], weights.seen[2], strict=True))
     # counted once, at batch 2 (earlier steps may also overflow while the scaler lowers its scale)
     assert in_memory.data["gradient_clipping/skipped_steps"][2][1] == 1
+
+
+def test_a_skipped_step_without_stats_returns_none() -> None:
+    params = [torch.nn.Parameter(torch.ones(3)) for _ in range(2)]
+    for param in params:
+        param.grad = torch.ones(3)
+    params[1].grad[0] = float("nan")
+    assert apply_gradient_clipping(params, "norm", 1.0, nonfinite="skip", with_stats=False) is None
+    assert all(param.grad is None for param in params)
