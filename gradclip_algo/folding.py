@@ -5,14 +5,14 @@ torch's fused optimizers (``Adam``, ``AdamW``, ``SGD`` with ``fused=True``, on C
 with ``_step_supports_amp_scaling``) read two optional tensors in ``step()``, the ones ``GradScaler``
 sets: every grad is divided by ``optimizer.grad_scale`` inside the update kernel, and ``found_inf = 1``
 skips the update on the device (weights, moments and step counts stay bitwise as they were). Clipping by
-a global norm is then one read of the grads (their norm) instead of two reads and a write, and a skip
-needs no host sync.
+a global norm is then one read of the grads (their norm) instead of two reads and a write (the kernel
+writes the divided grads back as it updates), and a skip needs no host sync.
 
 The contract, for the norm-based types (``norm``, ``quantile``, ``zscore``) and for skipping
 (``nonfinite='skip'``, ``skip_spikes``) of any type:
 
 - The factor and the skip flag are handed to the optimizer's **next** ``step()``: the clipping call sets
-  ``grad_scale`` and ``found_inf`` (also inside a ``step(closure)``, as Composer's Trainer steps) and a
+  ``grad_scale`` and ``found_inf`` (also inside a ``step(closure)``, the way Composer's Trainer steps) and a
   step post-hook removes them; a later call replaces what a step that never ran was handed.
 - Between clipping and ``step()``, ``.grad`` holds the **unclipped** grads; the fused kernel writes the
   clipped ones (``g / grad_scale``) back into ``.grad`` during ``step()``. A skipped step leaves the grads
