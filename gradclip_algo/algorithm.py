@@ -141,14 +141,14 @@ class GradClipAlgo(Algorithm):
     latest :class:`~gradclip_algo.layer_norms.LayerGradNorms`. Other steps do not compute them.
 
     ``fold_into_optimizer`` (default ``True``): where every optimizer of the Trainer is one of torch's fused
-    optimizers (``fused=True``) and the fold is exact (no fp16 AMP, no ``exclude``d
-    parameter, no DTensor grads), the norm-based types hand their factor to ``optimizer.step()`` as its
-    ``grad_scale`` and skips become its ``found_inf``, so clipping costs one read of the grads and skipping
-    no host sync (:mod:`gradclip_algo.folding`). Callbacks that read ``.grad`` after
-    ``AFTER_TRAIN_BATCH`` and before the step then see the unclipped grads. ``False`` always rescales.
+    optimizers (``fused=True``) and the fold is exact (no fp16 AMP, no ``exclude``d parameter, no DTensor
+    grads), the norm-based types hand their factor to ``optimizer.step()`` as its ``grad_scale`` and skips
+    become its ``found_inf``, so clipping costs one read of the grads and skipping no host sync
+    (:mod:`gradclip_algo.folding`). Callbacks that read ``.grad`` after ``AFTER_TRAIN_BATCH`` and before
+    the step then see the unclipped grads. ``False`` always rescales.
 
     Steps that are not logged do not synchronise with the device (the counters stay device tensors) unless
-    an option needs it (``nonfinite='error'`` or ``'skip'``, ``skip_spikes``).
+    an option needs it (``nonfinite='error'``; ``nonfinite='skip'`` and ``skip_spikes`` where not folded).
     ``last_stats`` holds the latest ``ClipStats`` for callbacks. ``state_dict()`` holds the clipper's
     statistics and the logging counters as tensors and plain Python values. ``required_on_load()`` stays
     ``False``: clipping changes no module, so a checkpoint loads with or without this algorithm.

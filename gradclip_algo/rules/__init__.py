@@ -5,8 +5,7 @@ ranks through the ``Shards`` methods), the threshold λ and its options (a
 :class:`~gradclip_algo.options.RuleOptions` dataclass) and returns :class:`~gradclip_algo.stats.ClipStats`.
 A rule that clips by one factor for every grad (norm, quantile, zscore) returns that factor as
 ``ClipStats.coefficient`` and leaves the grads to its caller, which multiplies them or folds the factor into
-the optimizer's step (:mod:`gradclip_algo.folding`); the others clip the grads in place.
-
+the optimizer's step (:mod:`gradclip_algo.folding`); the others clip the grads in place. The two forms:
 
 - a stateless rule is one function, ``clip(shards, λ, options)``;
 - a stateful rule is ``init(options, device) -> state`` and ``update(shards, λ, options, state)``, its
