@@ -146,7 +146,8 @@ class GradientClipper:
         and return what was done.
 
         ``with_stats=False`` returns ``None`` and skips the statistics where they cost extra passes over
-        the grads ('value': its norms and clipped count); the clipping itself is the same.
+        the grads ('value': its norms and clipped count); the clipping itself is the same. A step skipped by
+        dropping the grads still returns its ``ClipStats`` (a folded skip, decided on the device, does not).
         ``fold_into``: the optimizers of this call, in place of the clipper's own (``()``: none).
         """
         check_bool("with_stats", with_stats)
@@ -171,12 +172,11 @@ class GradientClipper:
             elif bool(nonfinite):  # the host sync these modes need unless folded
                 if self.nonfinite == "error":
                     raise self._nonfinite_error(selected, grads, module, norm)
-                skipped = _skip_step(everything, norm)
-                return skipped if with_stats else None
+                return _skip_step(everything, norm)
         if self.skip_spikes is not None:
             judged = self._judge_spike(shards, everything, plan, skip)
             if isinstance(judged, ClipStats):
-                return judged if with_stats else None
+                return judged
             skip = judged
         stats = self._clip(shards, with_stats, skip)
         coefficient = None if stats is None else stats.coefficient

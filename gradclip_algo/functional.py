@@ -38,7 +38,8 @@ def apply_gradient_clipping(
 
         with_stats: ``False`` returns ``None`` and skips the statistics where they cost extra passes
             ('value' needs two norms and a count besides its clamp; 'norm' and 'adaptive' get theirs
-            from the clipping itself).
+            from the clipping itself). A step that ``nonfinite='skip'`` skips still returns its
+            ``ClipStats``.
         fold_into: the optimizer (or optimizers) that steps these parameters next. Where it is one of
             torch's fused optimizers (``fused=True``) and steps exactly the clipped parameters, ``'norm'``
             hands its factor to that ``step()`` as ``grad_scale`` instead of rescaling the grads, and a

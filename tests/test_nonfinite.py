@@ -213,10 +213,12 @@ def test_fp16_amp_leaves_inf_steps_to_the_grad_scaler() -> None:
     assert in_memory.data["gradient_clipping/skipped_steps"][2][1] == 1
 
 
-def test_a_skipped_step_without_stats_returns_none() -> None:
+def test_a_skipped_step_returns_its_stats_even_without_stats() -> None:
+    """Dropping the grads is a host decision, so the caller learns of it: ClipStats with skipped=True."""
     params = [torch.nn.Parameter(torch.ones(3)) for _ in range(2)]
     for param in params:
         param.grad = torch.ones(3)
     params[1].grad[0] = float("nan")
-    assert apply_gradient_clipping(params, "norm", 1.0, nonfinite="skip", with_stats=False) is None
+    stats = apply_gradient_clipping(params, "norm", 1.0, nonfinite="skip", with_stats=False)
+    assert stats is not None and stats.skipped is True
     assert all(param.grad is None for param in params)
