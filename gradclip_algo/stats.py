@@ -49,7 +49,8 @@ class ClipStats:
     @classmethod
     def skipped_step(cls, grad_norm: Tensor) -> ClipStats:
         """Stats of a skipped step: the measured norm, nothing left after it, everything clipped."""
-        return cls(grad_norm, torch.zeros_like(grad_norm), torch.ones_like(grad_norm), skipped=True)
+        everything = torch.ones((), dtype=torch.float32, device=grad_norm.device)
+        return cls(grad_norm, torch.zeros_like(grad_norm), everything, skipped=True)
 
     def skipped_where(self, skip: Tensor) -> ClipStats:
         """These stats where the device flag ``skip`` is false, those of a skipped step where it is true
