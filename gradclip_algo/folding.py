@@ -72,7 +72,7 @@ class FoldPlan:
     """What one clipping call hands to the optimizers: the factor, the skip flag, both or neither.
 
     Each is exact only when the optimizers step exactly the tensors it concerns: the factor, the grads the
-    rule clips; a skip, every grad the call would otherwise drop. A skip also needs state for every
+    rule clips, each contiguous; a skip, every grad the call would otherwise drop. A skip also needs state for every
     parameter: a fused step that ``found_inf`` skips still creates the state of a parameter stepped for
     the first time, which an unfolded skip (grads set to ``None``) does not.
     """
@@ -98,11 +98,20 @@ class FoldPlan:
         if any(map(attributes_taken, optimizers)):
             return cls(why_not="its grad_scale/found_inf are already set (by a GradScaler)")
         stepped = _params_with_grads(optimizers)
-        factor = stepped == {id(param) for param in clipped}
+        # torch's fused kernels read a grad's storage as if it were contiguous: a strided grad (a view) is
+        # stepped wrongly either way, and differently once divided inside the kernel
+        dense = all(param.grad is not None and param.grad.is_contiguous() for param in clipped)
+        factor = dense and stepped == {id(param) for param in clipped}
         skip = stepped == {id(param) for param in with_grads} and all(
             param in opt.state for opt in optimizers for param in _own(opt, with_grads)
         )
-        why_not = "" if factor else "the optimizers do not step exactly the clipped parameters"
+        why_not = (
+            ""
+            if factor
+            else "a grad is not contiguous"
+            if not dense
+            else "the optimizers do not step exactly the clipped parameters"
+        )
         return cls(tuple(optimizers), factor, skip, why_not)
 
 

@@ -358,3 +358,21 @@ def test_fold_into_without_anything_to_fold_warns(clipping_type: str) -> None:
         warnings.simplefilter("error")
         GradientClipper(clipping_type, 0.1, fold_into=optimizer, skip_spikes=6.0)  # skips fold
         GradientClipper("quantile", 0.1, fold_into=optimizer)
+
+
+def test_a_strided_grad_is_not_folded() -> None:
+    """Found by the fold fuzz: a fused step reads a grad view's storage as if contiguous, so the factor is
+    applied to the grads instead, and the weights are those of the unfolded clip."""
+    runs = []
+    for fold in (False, True):
+        param = nn.Parameter(torch.zeros(8))
+        optimizer = torch.optim.SGD([param], lr=1.0, fused=True)
+        param.grad = torch.arange(16.0)[::2]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            stats = GradientClipper("norm", 10.0, fold_into=optimizer if fold else None)(param)
+        assert stats is not None and not stats.folded
+        assert [str(w.message) for w in caught if "not contiguous" in str(w.message)] or not fold
+        optimizer.step()
+        runs.append(param.detach())
+    torch.testing.assert_close(runs[1], runs[0], rtol=0, atol=0)

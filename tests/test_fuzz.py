@@ -25,7 +25,7 @@ import os
 import re
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import astuple, dataclass, field, replace
 from typing import Any
 
 import pytest
@@ -1078,6 +1078,88 @@ def assert_same_as_torch_norm(model: nn.Module, threshold: float, norm_type: flo
     assert float(stats.grad_norm) == pytest.approx(oracle.norm, rel=1e-5)
     for param, want in zip(params, oracle.grads, strict=True):
         torch.testing.assert_close(param.grad, want, rtol=1e-5, atol=0)
+
+
+@dataclass(frozen=True)
+class FoldCase:
+    model: ModelSpec
+    norm_type: float
+    threshold: float
+    nonfinite: str
+    nan_step: int | None
+
+
+@st.composite
+def fold_cases(draw: st.DrawFn) -> FoldCase:
+    """Parameter lists the fused optimizers take (float32 and float64; no shared tensor), norm clipping
+    at a drawn p and threshold, and maybe a NaN grad on one step with ``nonfinite='skip'``."""
+    model = draw(model_specs(scale_exps=(-4, 4), max_tensors=5, large=False))
+    tensors = tuple(
+        TensorSpec(t.shape, draw(st.sampled_from([torch.float32, torch.float64])), *astuple(t)[2:])
+        for t in model.tensors
+    )
+    nonfinite = draw(st.sampled_from(["propagate", "skip"]))
+    return FoldCase(
+        ModelSpec(tensors, tuple(range(len(tensors))), draw(st.sampled_from(["list", "pairs", "module"]))),
+        norm_type=draw(st.sampled_from([1.0, 2.0, math.inf])),
+        threshold=draw(thresholds()),
+        nonfinite=nonfinite,
+        nan_step=draw(st.sampled_from([None, 1, 2])) if nonfinite == "skip" else None,
+    )
+
+
+@FUZZ
+@given(case=fold_cases())
+def test_folded_into_fused_adamw_matches_rescaling(case: FoldCase) -> None:
+    """``fold_into`` against the unfolded clip on the same drawn parameters and grads, 3 AdamW steps: the
+    same stats, weights within rounding, and a skipped step (NaN grad, from the second step on when the
+    optimizer has state) bitwise untouched in both runs."""
+    runs = []
+    for fold in (False, True):
+        params, passed = make_params(case.model)
+        optimizer = torch.optim.AdamW(params, lr=1e-2, fused=True)
+        clipper = GradientClipper(
+            "norm",
+            case.threshold,
+            norm_type=case.norm_type,
+            nonfinite=case.nonfinite,
+            fold_into=optimizer if fold else None,
+        )
+        runs.append((params, passed, optimizer, clipper))
+    for step in range(3):
+        outcomes = []
+        for params, passed, optimizer, clipper in runs:
+            for spec, param in zip(case.model.tensors, params, strict=True):
+                if spec.has_grad:
+                    param.grad = grad_values(spec, spec.scale_exp, spec.seed + step)
+            filled = [p for p in params if p.grad is not None and p.numel()]
+            if step == case.nan_step and filled:
+                filled[0].grad[(0,) * filled[0].ndim] = float("nan")
+            before = [p.detach().clone() for p in params]
+            stats = clipper(passed())
+            optimizer.step()
+            assert not hasattr(optimizer, "grad_scale") and not hasattr(optimizer, "found_inf")
+            skipped = stats is not None and bool(stats.skipped)
+            if skipped:
+                for old, param in zip(before, params, strict=True):
+                    assert torch.equal(old, param.detach())
+            outcomes.append((stats, skipped))
+        (plain, plain_skipped), (folded, folded_skipped) = outcomes
+        assert plain_skipped == folded_skipped, step
+        if plain is None or folded is None:
+            assert plain is None and folded is None
+            continue
+        grads = [p.grad for p in runs[1][0] if p.grad is not None]
+        dense = all(g.is_contiguous() for g in grads)
+        # the factor folds exactly where every grad is contiguous (a skip may fold without it)
+        if grads and not folded_skipped and (dense or case.nonfinite == "propagate"):
+            assert folded.folded == dense
+        for name in ("grad_norm", "clipped_grad_norm", "clipped_fraction"):
+            torch.testing.assert_close(
+                getattr(folded, name), getattr(plain, name), rtol=1e-6, atol=0, equal_nan=True
+            )
+        for a, b in zip(runs[1][0], runs[0][0], strict=True):
+            torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6, equal_nan=True)
 
 
 @pytest.mark.parametrize("norm_type", [2.0, math.inf])
