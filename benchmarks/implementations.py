@@ -17,6 +17,12 @@ from gradclip_algo import apply_gradient_clipping
 
 OURS = "gradclip_algo"
 OURS_WITHOUT_STATS = "gradclip_algo, with_stats=False"
+OURS_CLIPPED_FLAG = "gradclip_algo, with_stats='clipped'"
+OURS_VALUE_VARIANTS = {
+    OURS_WITHOUT_STATS: "without statistics",
+    OURS_CLIPPED_FLAG: "measuring only whether it clipped",
+}
+"""The cheaper calls of 'value', and what they measure."""
 COMPOSER = "composer"
 FLOOR = "floor"
 """Label of the floor rows; each candidate names its passes after it."""
@@ -58,6 +64,10 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, ...]] = {
         Implementation(
             OURS_WITHOUT_STATS,
             lambda model, threshold: apply_gradient_clipping(model, "value", threshold, with_stats=False),
+        ),
+        Implementation(
+            OURS_CLIPPED_FLAG,
+            lambda model, threshold: apply_gradient_clipping(model, "value", threshold, with_stats="clipped"),
         ),
         Implementation(
             "torch clip_grad_value_", lambda model, t: nn.utils.clip_grad_value_(model.parameters(), t)

@@ -28,6 +28,7 @@ FOLDED = "ours folded + step"
 UNFOLDED = "ours unfolded + step"
 FOLDED_SKIP = "ours folded, skip_spikes=6 + step"
 SCALE_ONLY = "AdamW step handed grad_scale = 1 (no clipping)"
+FOLD_FLOOR = "one read of every grad + step handed grad_scale = 1 (the least a fold adds)"
 FOLDED_CASES = (FOLDED, FOLDED_SKIP)
 
 
@@ -43,6 +44,16 @@ def folding_supported() -> bool:
     except (TypeError, ValueError):
         return False
     return True
+
+
+def read_every_grad(grads: list[torch.Tensor]) -> None:
+    """The cheapest read of every element that any norm needs: ``sum`` per tensor on CPU, torch's foreach
+    norm (one multi-tensor kernel) elsewhere."""
+    if grads[0].device.type == "cpu":
+        for grad in grads:
+            grad.sum()
+    else:
+        torch._foreach_norm(grads)
 
 
 @dataclass(frozen=True)
@@ -62,6 +73,7 @@ def step_cases(folding: bool) -> list[StepCase]:
         StepCase(UNFOLDED, "ours", {}),
         StepCase(FOLDED_SKIP, "ours", {"fold": True, "skip_spikes": 6.0}),
         StepCase(SCALE_ONLY, "scale", {}),
+        StepCase(FOLD_FLOOR, "read and scale", {}),
     ]
     return [case for case in cases if folding or case.label not in FOLDED_CASES]
 
@@ -71,10 +83,13 @@ def make_step(case: StepCase, params: list[nn.Parameter], threshold: float) -> C
     optimizer = fused_adamw(params)
     if case.clip is None:
         return optimizer.step
-    if case.clip == "scale":  # what the fused kernel itself adds when handed a grad_scale (it writes
-        one = torch.ones((), dtype=torch.float32, device=params[0].device)  # the unscaled grads back)
+    if case.clip in ("scale", "read and scale"):  # what the fused kernel adds when handed a grad_scale (it
+        one = torch.ones((), dtype=torch.float32, device=params[0].device)  # writes the unscaled grads back)
+        read = case.clip == "read and scale"
 
         def scaled_step() -> None:
+            if read:
+                read_every_grad([param.grad for param in params if param.grad is not None])
             optimizer.grad_scale = one
             optimizer.step()
             del optimizer.grad_scale

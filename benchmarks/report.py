@@ -13,8 +13,16 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.implementations import FLOOR, OURS, OURS_WITHOUT_STATS, REFERENCE
-from benchmarks.optimizer_step import FOLDED, SCALE_ONLY, STEP_ALONE, TORCH, UNFOLDED, StepResult
+from benchmarks.implementations import FLOOR, OURS, OURS_VALUE_VARIANTS, REFERENCE
+from benchmarks.optimizer_step import (
+    FOLD_FLOOR,
+    FOLDED,
+    SCALE_ONLY,
+    STEP_ALONE,
+    TORCH,
+    UNFOLDED,
+    StepResult,
+)
 from benchmarks.trainer_overhead import COMPOSER, StepTime
 from benchmarks.trainer_overhead import OURS as OURS_ALGORITHM
 
@@ -83,14 +91,16 @@ def case_table(result: CaseResult) -> str:
         f"{row.label.removeprefix(FLOOR).strip(' ()')} {row.median_s * MS:.1f}" for row in floor
     )
     lines += ["", f"Floor candidates, median ms: {candidates}."]
-    if any(row.label == OURS_WITHOUT_STATS for row in result.rows):
-        bare = result.median_s("value", OURS_WITHOUT_STATS)
-        torch_value = result.median_s("value", REFERENCE["value"])
-        lines += [
-            "",
-            f"value without statistics (`with_stats=False`): {bare * MS:.1f} ms = "
-            f"{bare / torch_value:.2f} x torch clip_grad_value_, {bare / floor[0].median_s:.2f} x the floor.",
-        ]
+    labels = {row.label for row in result.rows if row.clipping_type == "value"}
+    for label, what in OURS_VALUE_VARIANTS.items():
+        if label in labels:
+            seconds = result.median_s("value", label)
+            ratio = seconds / result.median_s("value", REFERENCE["value"])
+            lines += [
+                "",
+                f"value {what} (`{label.removeprefix(OURS + ', ')}`): {seconds * MS:.1f} ms = "
+                f"{ratio:.2f} x torch clip_grad_value_, {seconds / floor[0].median_s:.2f} x the floor.",
+            ]
     clipped = ", ".join(
         f"{name} λ = {result.thresholds[name]:.4g} ({share:.0%} clipped)"
         for name, share in result.clipped_fraction.items()
@@ -151,10 +161,17 @@ def optimizer_step_table(result: StepResult) -> str:
             "unscaled grads back into `.grad`, so a fold saves torch's separate rescaling pass (a read and "
             "a write of every grad) but still pays one write inside the step."
         )
+    if FOLD_FLOOR in result.seconds:
+        lines.append(
+            f"\n`{FOLD_FLOOR}` is the least any fold can add: the norm needs one read of every grad (here the "
+            "cheapest: `sum` per grad on CPU, `torch._foreach_norm` on CUDA), and the kernel's write-back "
+            "follows."
+        )
     if FOLDED in result.seconds:
         ours = result.added_median(FOLDED)
         lines.append(
-            f"\nOurs folded added ÷ torch added: **{_ratio(ours, torch_added)}** (target <= {STEP_TARGET}); "
+            f"\nOurs folded added ÷ torch added: **{_ratio(ours, torch_added)}** (target <= {STEP_TARGET}; "
+            f"the least a fold adds: {_ratio(result.added_median(FOLD_FLOOR), torch_added)}); "
             f"unfolded: {_ratio(result.added_median(UNFOLDED), torch_added)}."
         )
     else:
@@ -194,6 +211,14 @@ def overhead_table(title: str, step_times: list[StepTime], targets: bool = True)
             ratios.append(f"{clipping_type} **{ratio}**" + (f" (target <= {target})" if targets else ""))
     if ratios:
         lines.append(f"\nGradClipAlgo overhead ÷ Composer GradientClipping overhead: {', '.join(ratios)}.")
+    composer = {
+        s.configuration.clipping_type: s.overhead_s for s in step_times if s.configuration.family == COMPOSER
+    }
+    for step in step_times:
+        kind = step.configuration.clipping_type
+        if step.configuration.family == OURS_ALGORITHM and "log_interval" in step.label and kind in composer:
+            ratio = _ratio(step.overhead_s, composer[kind]).replace("torch", "Composer")
+            lines.append(f"\n{step.label} overhead ÷ Composer GradientClipping('{kind}') overhead: {ratio}.")
     return "\n".join(lines)
 
 
@@ -299,11 +324,12 @@ How it is measured (`benchmarks/`):
   by one each round; one untimed round first (it also creates the optimizer states). A case's added
   cost is the median over rounds of (its time - the step alone's in the same round); the ratio divides
   ours by torch's. Folded, ours computes the norm and hands the coefficient to the fused kernel as
-  `grad_scale` (no pass over the grads to rescale them); skipping becomes the kernel's `found_inf`.
+  `grad_scale` (no pass over the grads to rescale them); skipping becomes the kernel's `found_inf`. The
+  least a fold can add is timed too: one read of every grad, then the step handed `grad_scale = 1`.
 - Training-step overhead: one Composer `Trainer` per configuration (no clipping, Composer's
   `GradientClipping`, `gradclip_algo.GradClipAlgo` with its defaults: it folds into the optimizer where
-  it is exact) trains the same model on the same data; blocks of steps alternate between them (one
-  warm-up block each); a step is timed from `BATCH_START` to `BATCH_END` (forward, backward, clipping,
+  it is exact) trains the same model on the same data; blocks of steps alternate between them, in
+  an order rotated by one each round of blocks (one warm-up block each); a step is timed from `BATCH_START` to `BATCH_END` (forward, backward, clipping,
   optimizer step). The step time is the median of the block medians; the overhead is the median over
   blocks of (block median - the block median without clipping), which cancels drifts in machine load
   between blocks. Two models: a small MLP with SGD (fixed per-step costs such as logging show), and

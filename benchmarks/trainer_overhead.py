@@ -160,6 +160,7 @@ def embedding_case(
                     our_clipping(clipping_type, threshold),
                 )
             ),
+            our_clipping("value", thresholds["value"], log_interval=10),
         ),
         targets=True,
     )
@@ -204,17 +205,20 @@ def measure_step_overhead(case: TrainerCase, blocks: int, steps_per_block: int) 
     """Median step time per configuration, and its overhead over the run without clipping.
 
     Blocks of ``steps_per_block`` steps alternate between the configurations (one ``Trainer`` each, trained
-    on with ``fit(duration=...)``); the first block is warm-up. The overhead is the median over blocks of
+    on with ``fit(duration=...)``), in an order rotated by one each round of blocks; the first round is
+    warm-up. The overhead is the median over blocks of
     the difference of block medians, so a drift in machine load between blocks cancels out.
     """
     configurations = case.configurations
     timers = {c.label: StepTimer() for c in configurations}
     trainers = {c.label: _trainer(case, c.make(), timers[c.label]) for c in configurations}
     block_medians: dict[str, list[float]] = {c.label: [] for c in configurations}
+    labels = list(trainers)
     for block in range(blocks + 1):
-        for label, trainer in trainers.items():
+        shift = block % len(labels)  # rotated by one each round: no configuration always follows another
+        for label in labels[shift:] + labels[:shift]:
             timers[label].seconds.clear()
-            trainer.fit(duration=f"{steps_per_block}ba")
+            trainers[label].fit(duration=f"{steps_per_block}ba")
             if block > 0:
                 block_medians[label].append(statistics.median(timers[label].seconds))
     for trainer in trainers.values():

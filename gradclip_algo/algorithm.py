@@ -149,7 +149,12 @@ class GradClipAlgo(Algorithm):
 
     Steps that are not logged do not synchronise with the device (the counters stay device tensors) unless
     an option needs it (``nonfinite='error'``; ``nonfinite='skip'`` and ``skip_spikes`` where not folded).
-    ``last_stats`` holds the latest ``ClipStats`` for callbacks. ``state_dict()`` holds the clipper's
+    Nor do they measure what only the logged metrics need: with ``log_interval`` > 1, ``'value'`` clipping
+    measures on the other steps only whether it clipped anything (``with_stats='clipped'``: one read for
+    ``max|g| > λ`` in place of its two norms and count), which ``clipped_steps_fraction`` counts; under
+    fp16 AMP every step is measured. ``stats_every_step=True`` measures every step fully.
+    ``last_stats`` holds the latest ``ClipStats`` for callbacks (on a step measured only for its clipped
+    flag: ``clipped_fraction`` 1.0 or 0.0 and NaN norms). ``state_dict()`` holds the clipper's
     statistics and the logging counters as tensors and plain Python values. ``required_on_load()`` stays
     ``False``: clipping changes no module, so a checkpoint loads with or without this algorithm.
     """
@@ -161,6 +166,7 @@ class GradClipAlgo(Algorithm):
         log_interval: int = 1,
         log_layer_norms: int | None = None,
         fold_into_optimizer: bool = True,
+        stats_every_step: bool = False,
         **options: Any,
     ) -> None:
         super().__init__()
@@ -173,6 +179,7 @@ class GradClipAlgo(Algorithm):
                 None if log_layer_norms is None else check_int("log_layer_norms", log_layer_norms, 1)
             )
             self.fold_into_optimizer = check_bool("fold_into_optimizer", fold_into_optimizer)
+            self.stats_every_step = check_bool("stats_every_step", stats_every_step)
         except (TypeError, ValueError) as err:
             hint = (
                 _threshold_hint(clipping_type, clipping_threshold) if "clipping_threshold" in str(err) else ""
@@ -209,11 +216,14 @@ class GradClipAlgo(Algorithm):
         batch = state.timestamp.batch.value
         fp16 = state.precision == Precision.AMP_FP16
         self._set_nonfinite_mode(fp16)
-        layer_norms = self._layer_norms(state, batch)  # before clipping, on logging steps only
+        logs = (batch + 1) % self.log_interval == 0  # BATCH_END's timestamp will count this batch
+        layer_norms = self._layer_norms(state, logs)  # before clipping, on logging steps only
+        with_stats = True if logs or fp16 or self.stats_every_step else "clipped"
         try:
-            stats = self.clipper(state.model, fold_into=self._fold_targets(state, fp16))
+            stats = self.clipper(state.model, with_stats, fold_into=self._fold_targets(state, fp16))
         except NonFiniteGradError as err:
             raise NonFiniteGradError(f"batch {batch}: {err}", err.param_name) from err
+        assert stats is not None  # with_stats is never False here
         self.last_stats = stats
         self._steps_since_log += 1
         self._clipped_steps = self._clipped_steps + (stats.clipped_fraction > 0).to(torch.int64)
@@ -234,10 +244,9 @@ class GradClipAlgo(Algorithm):
             return ()
         return optimizers if all(map(supports_folding, optimizers)) else ()
 
-    def _layer_norms(self, state: State, batch: int) -> LayerGradNorms | None:
-        """Per-parameter grad norms (device tensors) when ``log_layer_norms`` is set and this step logs
-        (at BATCH_END, when the timestamp counts ``batch + 1`` batches)."""
-        if self.log_layer_norms is None or (batch + 1) % self.log_interval != 0:
+    def _layer_norms(self, state: State, logs: bool) -> LayerGradNorms | None:
+        """Per-parameter grad norms (device tensors) when ``log_layer_norms`` is set and this step logs."""
+        if self.log_layer_norms is None or not logs:
             return None
         self.last_layer_norms = grad_norms_by_name(state.model)
         return self.last_layer_norms
@@ -331,5 +340,6 @@ class GradClipAlgo(Algorithm):
             f"log_interval={self.log_interval!r}"
             + ("" if self.log_layer_norms is None else f", log_layer_norms={self.log_layer_norms!r}")
             + ("" if self.fold_into_optimizer else ", fold_into_optimizer=False")
+            + (", stats_every_step=True" if self.stats_every_step else "")
             + f"{options})"
         )

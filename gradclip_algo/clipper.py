@@ -15,7 +15,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Mapping
 from dataclasses import replace
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -138,7 +138,7 @@ class GradientClipper:
     def __call__(
         self,
         parameters: Parameters,
-        with_stats: bool = True,
+        with_stats: bool | Literal["clipped"] = True,
         *,
         fold_into: Optimizer | Optimizers | None = None,
     ) -> ClipStats | None:
@@ -148,9 +148,13 @@ class GradientClipper:
         ``with_stats=False`` returns ``None`` and skips the statistics where they cost extra passes over
         the grads ('value': its norms and clipped count); the clipping itself is the same. A step skipped by
         dropping the grads still returns its ``ClipStats`` (a folded skip, decided on the device, does not).
-        ``fold_into``: the optimizers of this call, in place of the clipper's own (``()``: none).
+        ``with_stats='clipped'`` measures only whether anything was clipped, where that is cheaper than the
+        statistics ('value': one read for ``max|g| > λ`` in place of its norms and count): the ``ClipStats``
+        then holds ``clipped_fraction`` 1.0 or 0.0 and NaN norms; the other types return all their
+        statistics. ``fold_into``: the optimizers of this call, in place of the clipper's own (``()``: none).
         """
-        check_bool("with_stats", with_stats)
+        if with_stats != "clipped" and not isinstance(with_stats, bool):
+            raise ValueError(f"with_stats: expected true, false or 'clipped', got {with_stats!r}")
         optimizers = self.fold_into if fold_into is None else check_fold_into("fold_into", fold_into)
         module = parameters if isinstance(parameters, nn.Module) else None
         everything = collect(parameters, names=self.exclusion is not None)
@@ -235,9 +239,14 @@ class GradientClipper:
             return _skip_step(everything, norm)
         return skip
 
-    def _clip(self, shards: Shards, with_stats: bool, skip: Tensor | None) -> ClipStats | None:
-        """The rule on ``shards`` (without statistics where the rule has such a mode and none are asked
-        for); a stateful rule's state is made at the first call, and left as it was where ``skip``."""
+    def _clip(
+        self, shards: Shards, with_stats: bool | Literal["clipped"], skip: Tensor | None
+    ) -> ClipStats | None:
+        """The rule on ``shards`` (without statistics, or with only its clipped flag, where the rule has
+        such a mode and no more is asked for); a stateful rule's state is made at the first call, and left
+        as it was where ``skip``."""
+        if with_stats == "clipped" and self.rule.clip_flagging is not None:
+            return ClipStats.clipped_only(self.rule.clip_flagging(shards, self.clipping_threshold))
         if not with_stats and self.rule.clip_without_stats is not None:
             self.rule.clip_without_stats(shards, self.clipping_threshold)
             return None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 from torch.optim import Optimizer
 
@@ -17,7 +17,7 @@ def apply_gradient_clipping(
     clipping_type: str,
     clipping_threshold: float,
     *,
-    with_stats: bool = True,
+    with_stats: bool | Literal["clipped"] = True,
     fold_into: Optimizer | Sequence[Optimizer] | None = None,
     **options: Any,
 ) -> ClipStats | None:
@@ -39,7 +39,8 @@ def apply_gradient_clipping(
         with_stats: ``False`` returns ``None`` and skips the statistics where they cost extra passes
             ('value' needs two norms and a count besides its clamp; 'norm' and 'adaptive' get theirs
             from the clipping itself). A step that ``nonfinite='skip'`` skips still returns its
-            ``ClipStats``.
+            ``ClipStats``. ``'clipped'``: only whether anything was clipped, where that is cheaper ('value':
+            ``clipped_fraction`` 1.0 or 0.0, NaN norms; see :meth:`GradientClipper.__call__`).
         fold_into: the optimizer (or optimizers) that steps these parameters next. Where it is one of
             torch's fused optimizers (``fused=True``) and steps exactly the clipped parameters, ``'norm'``
             hands its factor to that ``step()`` as ``grad_scale`` instead of rescaling the grads, and a

@@ -47,6 +47,13 @@ class ClipStats:
         return cls(zero, zero, zero)
 
     @classmethod
+    def clipped_only(cls, clipped: Tensor) -> ClipStats:
+        """Stats of a call that measured only whether it clipped anything (``with_stats='clipped'``): the
+        device flag ``clipped`` as a ``clipped_fraction`` of 1.0 or 0.0, and NaN norms (not measured)."""
+        nan = torch.full((), float("nan"), dtype=torch.float32, device=clipped.device)
+        return cls(nan, nan, clipped.to(torch.float32))
+
+    @classmethod
     def skipped_step(cls, grad_norm: Tensor) -> ClipStats:
         """Stats of a skipped step: the measured norm, nothing left after it, everything clipped."""
         everything = torch.ones((), dtype=torch.float32, device=grad_norm.device)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import math
 from pathlib import Path
 from typing import Any
 
@@ -226,6 +227,35 @@ def test_logged_metrics_match_reference(log_interval: int) -> None:
         assert steps == [3, 6] and fractions == [1 / 3, 2 / 3]
     assert algorithm.last_stats is not None
     assert float(algorithm.last_stats.grad_norm) == pytest.approx(float(reference[-1].grad_norm), rel=1e-5)
+
+
+@pytest.mark.parametrize("stats_every_step", [False, True])
+def test_value_measures_only_its_clipped_flag_on_steps_it_does_not_log(stats_every_step: bool) -> None:
+    """With log_interval=4, 'value' measures steps 1-3, 5 and 6 only for clipped_steps_fraction (NaN norms
+    in last_stats) unless stats_every_step; the grads, the logged step and the counters equal the
+    functional API's full statistics every step."""
+    threshold = 0.5  # every other step clips some elements (the x20 batches)
+    model = make_model()
+    reference = reference_run(copy.deepcopy(model), clipping_type="value", clipping_threshold=threshold)
+    clipped = [float(stats.clipped_fraction) > 0 for _, stats in reference]
+    assert clipped == [False, True] * (NUM_BATCHES // 2)
+    algorithm = GradClipAlgo("value", threshold, log_interval=4, stats_every_step=stats_every_step)
+    _, optimizer, in_memory = train(algorithm, model)
+    for (_, grads), (reference_grads, _) in zip(optimizer.seen, reference, strict=True):
+        assert_grads_equal(grads, reference_grads)
+    at_four = reference[3][1]
+    for name in ("grad_norm", "clipped_grad_norm", "clipped_fraction"):
+        assert logged(in_memory, name) == [(4, pytest.approx(float(getattr(at_four, name)), rel=1e-5))]
+    assert logged(in_memory, "clipped_steps_fraction") == [(4, 0.5)]
+    assert algorithm.state_dict()["clipped_steps"] == 1  # steps 5 (not clipped) and 6 (clipped)
+    last, want = algorithm.last_stats, reference[-1][1]
+    assert last is not None and float(last.clipped_fraction) == (
+        pytest.approx(float(want.clipped_fraction), rel=1e-6) if stats_every_step else 1.0
+    )
+    if stats_every_step:
+        assert float(last.grad_norm) == pytest.approx(float(want.grad_norm), rel=1e-5)
+    else:
+        assert math.isnan(float(last.grad_norm)) and math.isnan(float(last.clipped_grad_norm))
 
 
 def console_blocks(text: str) -> dict[int, dict[str, str]]:

@@ -105,6 +105,7 @@ def test_every_rule_option_is_an_allowed_key() -> None:
         "log_interval",
         "log_layer_norms",
         "fold_into_optimizer",
+        "stats_every_step",
         *COMMON_OPTIONS,
         *(option for rule in RULES.values() for option in rule.options.names()),
     }

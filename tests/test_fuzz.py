@@ -452,13 +452,30 @@ def crash(error: Exception, context: str) -> AssertionError:
     return kind(f"{context}: the call raised {type(error).__name__}: {error}")
 
 
+def flag_mismatch(stats: ClipStats, outcome: Outcome) -> tuple[type[AssertionError], list[str]] | None:
+    """``with_stats='clipped'`` on 'value': NaN norms, and a ``clipped_fraction`` of 1.0 exactly where the
+    reference clipped an element (either where the reference norm is NaN: a max holding NaN reads false)."""
+    problems = []
+    if not (math.isnan(float(stats.grad_norm)) and math.isnan(float(stats.clipped_grad_norm))):
+        problems.append(
+            f"norms: got {stats.grad_norm}, {stats.clipped_grad_norm}, expected NaN (not measured)"
+        )
+    low, high = outcome.fraction
+    either = math.isnan(outcome.grad_norm) or low == 0 < high
+    allowed = {0.0, 1.0} if either else {float(low > 0)}
+    if float(stats.clipped_fraction) not in allowed:
+        problems.append(f"clipped flag: got {float(stats.clipped_fraction)}, expected one of {allowed}")
+    return (StatsDiffer, problems) if problems else None
+
+
 def outcome_mismatch(
     params: list[nn.Parameter],
     stats: ClipStats | None,
     outcome: Outcome,
     rtol: float,
     atol: float,
-    with_stats: bool = True,
+    with_stats: bool | str = True,
+    flag_only: bool = False,
 ) -> tuple[type[AssertionError], list[str]] | None:
     """The first kind of difference between the state after the call and ``outcome``, with every
     difference of that kind; None if they match."""
@@ -477,6 +494,8 @@ def outcome_mismatch(
         return None if stats is None else (ReturnDiffers, [f"with_stats=False returned {stats!r}"])
     if stats is None:
         return ReturnDiffers, ["no ClipStats returned"]
+    if flag_only and not outcome.skipped:
+        return flag_mismatch(stats, outcome)
     problems = []
     if bool(stats.skipped) != outcome.skipped:
         problems.append(f"skipped: got {stats.skipped}, expected {outcome.skipped}")
@@ -501,15 +520,16 @@ def assert_matches_one(
     outcomes: list[Outcome],
     rtol: float,
     atol: float,
-    with_stats: bool = True,
+    with_stats: bool | str = True,
     context: str = "",
+    flag_only: bool = False,
 ) -> None:
     """The call's result matches one of ``outcomes`` (several where a decision is within rounding).
 
     Each kind of difference raises its own exception type, so that hypothesis reports grads, stats and
     return-value failures as distinct bugs.
     """
-    reports = [outcome_mismatch(params, stats, o, rtol, atol, with_stats) for o in outcomes]
+    reports = [outcome_mismatch(params, stats, o, rtol, atol, with_stats, flag_only) for o in outcomes]
     if any(r is None for r in reports):
         return
     kind, problems = reports[0]
@@ -745,7 +765,7 @@ class StatelessCase:
     eps: float | None
     nonfinite: str
     error_if_nonfinite: bool
-    with_stats: bool
+    with_stats: bool | str
     inject: tuple[
         tuple[int, int, float], ...
     ]  # (tensor index, flat position, inf/-inf/NaN) written into grads
@@ -785,7 +805,7 @@ def stateless_cases(
         eps=draw(st.one_of(st.none(), st.sampled_from([1e-6, 1e-3, 0.1]))),
         nonfinite=nonfinite,
         error_if_nonfinite=not plain and nonfinite in ("propagate", "error") and draw(st.booleans()),
-        with_stats=plain or draw(st.integers(0, 4)) > 0,
+        with_stats=True if plain else draw(st.sampled_from([True, True, True, False, "clipped"])),
         inject=tuple(injected),
     )
 
@@ -914,8 +934,16 @@ def run_stateless(case: StatelessCase) -> None:
     )
     numel = total_numel(params)
     p = case.norm_type if case.clipping_type == "norm" else 2.0
+    flag_only = case.with_stats == "clipped" and case.clipping_type == "value"
     assert_matches_one(
-        params, stats, outcomes, coef_rtol(numel, p), underflow_atol(numel, p), case.with_stats, context
+        params,
+        stats,
+        outcomes,
+        coef_rtol(numel, p),
+        underflow_atol(numel, p),
+        case.with_stats,
+        context,
+        flag_only,
     )
 
 

@@ -92,6 +92,17 @@ def test_apply_gradient_clipping_does_not_sync(
     assert torch.equal(stats.grad_norm, expected.grad_norm)
 
 
+def test_value_measuring_only_its_clipped_flag_does_not_sync(no_host_sync, mixed_model: MixedModel) -> None:
+    random_grads(mixed_model)
+    reference = twin(mixed_model)
+    apply_gradient_clipping(reference, "value", 0.1)
+    with no_host_sync():
+        stats = apply_gradient_clipping(mixed_model, "value", 0.1, with_stats="clipped")
+    for got, want in zip(grads(mixed_model), grads(reference), strict=True):
+        assert torch.equal(got, want)
+    assert stats.clipped_fraction.item() == 1.0
+
+
 @pytest.mark.parametrize("clipping_type", ["norm", "value", "adaptive"])
 def test_a_clipper_called_every_step_does_not_sync(
     no_host_sync, mixed_model: MixedModel, clipping_type: str

@@ -152,7 +152,7 @@ def test_spike_window_without_skip_spikes_is_an_error() -> None:
 
 
 @pytest.mark.parametrize("with_stats", ["no", 0, None])
-def test_with_stats_must_be_a_bool(param: torch.nn.Parameter, with_stats: object) -> None:
-    with pytest.raises(ValueError, match=r"with_stats: expected true or false, got"):
+def test_with_stats_must_be_a_bool_or_clipped(param: torch.nn.Parameter, with_stats: object) -> None:
+    with pytest.raises(ValueError, match=r"with_stats: expected true, false or 'clipped', got"):
         apply_gradient_clipping(param, "norm", 1.0, with_stats=with_stats)
     assert torch.equal(param.grad, torch.ones(3))

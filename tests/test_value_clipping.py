@@ -159,3 +159,53 @@ def test_half_precision_blocks_and_packs_match_torch(dtype: torch.dtype) -> None
     assert float(got_before) == pytest.approx(before, rel=1e-3)
     assert float(got_after) == pytest.approx(after, rel=1e-3)
     assert int(got_count) == count
+
+
+# ---- with_stats='clipped': the clamp, and whether it clipped anything --------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", list(SIZE_CASES))
+def test_clipped_flag_is_whether_the_count_is_positive(case: str, dtype: torch.dtype) -> None:
+    """On the block and pack sizes: the grads equal torch's clamp bit for bit, the flag is 1.0 exactly
+    when the full statistics count an element beyond λ (one element at λ, then one just above it), and the
+    norms are NaN (not measured)."""
+    limit = 0.3  # not exact in any of these dtypes: the flag compares as the clamp and the count do
+    at_limit = torch.tensor(limit, dtype=dtype)
+    above = torch.nextafter(at_limit, torch.tensor(math.inf, dtype=dtype))
+    numels = [n for n in SIZE_CASES[case] if n]
+    for extreme in (None, at_limit, above):
+        gen = torch.Generator().manual_seed(len(case))
+        grads = [(torch.rand(n, generator=gen) * 0.6 - 0.3).to(dtype).clamp(-limit, limit) for n in numels]
+        grads = [g.where(g.abs() < at_limit, 0.0) for g in grads]  # every element strictly within λ
+        if extreme is not None:
+            grads[-1][grads[-1].numel() // 2] = -extreme
+        full = [g.clone() for g in grads]
+        want = [g.clone() for g in grads]
+        torch._foreach_clamp_min_(want, -limit)
+        torch._foreach_clamp_max_(want, limit)
+        params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+        twins = [torch.nn.Parameter(torch.zeros_like(g)) for g in full]
+        for param, grad in [*zip(params, grads, strict=True), *zip(twins, full, strict=True)]:
+            param.grad = grad
+        flagged = apply_gradient_clipping(params, "value", limit, with_stats="clipped")
+        counted = apply_gradient_clipping(twins, "value", limit)
+        for param, expected in zip(params, want, strict=True):
+            assert torch.equal(param.grad, expected)
+        assert float(flagged.clipped_fraction) == float(counted.clipped_fraction > 0)
+        assert float(flagged.clipped_fraction) == float(extreme is above)
+        assert math.isnan(float(flagged.grad_norm)) and math.isnan(float(flagged.clipped_grad_norm))
+
+
+@pytest.mark.parametrize("clipping_type", ["norm", "adaptive"])
+def test_clipped_mode_returns_all_statistics_where_they_cost_nothing(
+    mixed_model: MixedModel, clipping_type: str
+) -> None:
+    random_grads(mixed_model, seed=4)
+    reference = twin(mixed_model)
+    stats = apply_gradient_clipping(mixed_model, clipping_type, 0.3, with_stats="clipped")
+    want = apply_gradient_clipping(reference, clipping_type, 0.3)
+    for got, expected in zip(grads(mixed_model), grads(reference), strict=True):
+        assert torch.equal(got, expected)
+    for name in ("grad_norm", "clipped_grad_norm", "clipped_fraction"):
+        assert torch.equal(getattr(stats, name), getattr(want, name))

@@ -32,7 +32,7 @@ from gradclip_algo.options import NoOptions, RuleOptions
 from gradclip_algo.rules import adagc, quantile, zscore
 from gradclip_algo.rules.adaptive import AdaptiveOptions, adaptive_clip
 from gradclip_algo.rules.norm import NormOptions, clip_by_norm
-from gradclip_algo.rules.value import clamp_grads_, clip_by_value
+from gradclip_algo.rules.value import clamp_grads_, clamp_grads_flagging_, clip_by_value
 from gradclip_algo.stats import ClipStats
 
 State = dict[str, torch.Tensor]
@@ -42,7 +42,8 @@ State = dict[str, torch.Tensor]
 class Rule:
     """A clipping rule: ``clip`` for a stateless one, ``init``/``update``/``check_state`` for a stateful one.
 
-    ``clip_without_stats``: what a rule whose statistics cost extra passes does when none are asked for.
+    ``clip_without_stats``: what a rule whose statistics cost extra passes does when none are asked for;
+    ``clip_flagging``: the same, returning only whether it clipped anything (a 0-d bool device tensor).
     ``one_factor``: the rule clips by one factor for every grad, returned as ``ClipStats.coefficient``.
     """
 
@@ -53,6 +54,7 @@ class Rule:
     check_state: Callable[[State, Any], None] | None = None
     threshold_may_be_inf: bool = False
     clip_without_stats: Callable[[Shards, float], None] | None = None
+    clip_flagging: Callable[[Shards, float], torch.Tensor] | None = None
     one_factor: bool = False
 
     @classmethod
@@ -70,7 +72,9 @@ class Rule:
 
 RULES: Mapping[str, Rule] = {
     "norm": Rule(NormOptions, clip=clip_by_norm, one_factor=True),
-    "value": Rule(NoOptions, clip=clip_by_value, clip_without_stats=clamp_grads_),
+    "value": Rule(
+        NoOptions, clip=clip_by_value, clip_without_stats=clamp_grads_, clip_flagging=clamp_grads_flagging_
+    ),
     "adaptive": Rule(AdaptiveOptions, clip=adaptive_clip),
     "quantile": Rule.stateful(quantile, quantile.QuantileOptions, one_factor=True),
     "zscore": Rule.stateful(zscore, zscore.ZScoreOptions, one_factor=True),

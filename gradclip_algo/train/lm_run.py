@@ -94,6 +94,8 @@ class LanguageModelRecorder(Callback):
     def fit_start(self, state: State, logger: Logger) -> None:
         clippers = [algo for algo in state.algorithms if isinstance(algo, GradClipAlgo)]
         self._clipping = clippers[0] if clippers else None
+        if self._clipping is not None:  # the pre-clip norm of every step, not only of the logged ones
+            self._clipping.stats_every_step = True
         self.layer_names = [name for name, param in state.model.named_parameters() if param.requires_grad]
         self._files = [
             (self.folder / name).open("w", newline="") for name in (METRICS_FILE, LAYER_NORMS_FILE)

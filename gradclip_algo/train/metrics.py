@@ -45,8 +45,9 @@ class StepMetricsRecorder(Callback):
     Composer runs every algorithm at an event before any callback, so this callback sees the grads after
     clipping, i.e. the ones ``optimizer.step()`` gets: their L2 norm is ``clipped_grad_norm``. The norm
     before clipping is gone by then, so it comes from the algorithm's ``last_stats`` (the norm it measured
-    for its rule) when a ``GradClipAlgo`` runs, and equals the measured one when none does. Reading the
-    values (a host sync) waits until ``Event.BATCH_END``, once per step.
+    for its rule; the recorder sets its ``stats_every_step``) when a ``GradClipAlgo`` runs, and equals the
+    measured one when none does. Reading the values (a host sync) waits until ``Event.BATCH_END``, once
+    per step.
     """
 
     def __init__(self, path: Path) -> None:
@@ -60,6 +61,8 @@ class StepMetricsRecorder(Callback):
     def fit_start(self, state: State, logger: Logger) -> None:
         clippers = [algo for algo in state.algorithms if isinstance(algo, GradClipAlgo)]
         self._clipping = clippers[0] if clippers else None
+        if self._clipping is not None:  # the pre-clip norm of every step, not only of the logged ones
+            self._clipping.stats_every_step = True
         self._file = self.path.open("w", newline="")
         csv.writer(self._file).writerow(CSV_COLUMNS)
 
