@@ -8,6 +8,7 @@ Each primitive takes tensors of one device and one dtype (callers group them; se
 - :func:`scale_`: ``t ← t · c`` with one factor or one per tensor;
 - :func:`clamp_`: ``t ← clamp(t, -λ, λ)``;
 - :func:`clamp_with_stats_`: the same, with ``Σt²`` before and after and ``#{|t| > λ}`` of all tensors;
+- :func:`clamp_with_peak_`: the same, with ``max|t|`` before;
 - :func:`scale_units_`: ``G_u ← G_u · f(‖G_u‖, ‖W_u‖)`` per unit u (AGC).
 
 Sums are accumulated in float32, or float64 for float64 tensors (as torch's norms are). The fast paths,
@@ -20,8 +21,9 @@ each covered at and around its size limits by the differential fuzz (``tests/tes
   foreach pair makes two passes).
 - Any device: :func:`clamp_with_stats_` runs a block at a time (on CPU of at most
   :data:`CLAMP_BLOCK_NUMEL` elements) through its norm, count, clamp and norm after, reading it from
-  memory once; tensors under :data:`CPU_DOT_MIN_NUMEL` elements go through it packed, at most that many
-  elements a pack; sums of squares by BLAS dot on CPU float32/float64 blocks, as for the norm.
+  memory once (:func:`clamp_with_peak_` through its extremes and clamp); tensors under
+  :data:`CPU_DOT_MIN_NUMEL` elements go through it packed, at most :data:`CLAMP_PACK_NUMEL` elements a
+  pack; sums of squares by BLAS dot on CPU float32/float64 blocks, as for the norm.
 - CPU: AGC on a tensor of more than :data:`CPU_REUSE_NUMEL` elements runs a block of whole rows at a
   time: its norms, then its multiply while it is still in cache.
 - Any device: AGC on small tensors of one shape runs on their stack (:data:`STACK_NUMEL` elements at a
@@ -49,8 +51,13 @@ CPU_REUSE_NUMEL = 1 << 22
 """AGC on CPU clips a larger tensor a block of whole rows of at most this many elements (16 MiB of
 float32) at a time, so that the block is still in the L3 cache when it is multiplied after its norms."""
 CLAMP_BLOCK_NUMEL = 1 << 20
-"""On CPU, 'value' clipping with statistics runs a larger tensor a block of at most this many elements
-(4 MiB of float32) at a time: its norm, count, clamp and norm after read the block from cache."""
+"""On CPU, 'value' clipping that measures runs a larger tensor a block of at most this many elements
+(4 MiB of float32) at a time: what it measures after the first read, and the clamp, read the block from
+cache."""
+CLAMP_PACK_NUMEL = 1 << 16
+"""The same for tensors smaller than :data:`CPU_DOT_MIN_NUMEL`: they are packed, at most this many elements
+(256 KiB of float32) at a time, into one buffer that is measured, clamped and copied back (the buffers stay
+within 1/:data:`MEMORY_SHARE` of the elements)."""
 CHUNK_NUMEL = 1 << 24
 """Elsewhere, at most this many elements are counted at once (float32 counts of them stay exact)."""
 MEMORY_SHARE = 128
@@ -59,6 +66,7 @@ SIZE_LIMITS = (
     CPU_DOT_MIN_NUMEL,
     PACK_NUMEL,
     CLAMP_BLOCK_NUMEL,
+    CLAMP_PACK_NUMEL,
     STACK_NUMEL,
     CPU_REUSE_NUMEL,
     MEMORY_SHARE * CPU_DOT_MIN_NUMEL,
@@ -320,9 +328,15 @@ def _square_sum(block: Tensor) -> Tensor:
     return torch.linalg.vector_norm(block, dtype=accumulation_dtype(block.dtype)).square()
 
 
-def _clamp_block_(block: Tensor, limit: float, scratch: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+BlockClamp = Callable[[Tensor, float, Tensor | None], tuple[Tensor, ...]]
+"""``(block, λ, scratch) -> measured``: clamps one block in place and returns what it measured on it;
+``scratch``, where asked for, is a buffer of the block's dtype at least as large as the block."""
+
+
+def _clamp_block_(block: Tensor, limit: float, scratch: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """``(Σb², #{|b| > limit}, Σb² after)`` of one block, clamped in place in between (accumulation
-    dtype); ``|b|`` goes to ``scratch`` (at least as large, same dtype) for the count."""
+    dtype); ``|b|`` goes to ``scratch`` for the count."""
+    assert scratch is not None
     before = _square_sum(block)
     magnitude = torch.abs(block, out=scratch[: block.numel()].view_as(block))
     count = magnitude.gt_(limit).sum(dtype=accumulation_dtype(block.dtype))
@@ -330,16 +344,23 @@ def _clamp_block_(block: Tensor, limit: float, scratch: Tensor) -> tuple[Tensor,
     return before, count, _square_sum(block)
 
 
-def clamp_with_stats_(tensors: list[Tensor], limit: float) -> tuple[Tensor, Tensor, Tensor]:
-    """``t ← clamp(t, -limit, limit)`` in place, as :func:`clamp_`, with the statistics of all ``tensors``
-    together: ``(Σ t² before, #{|t| > limit}, Σ t² after)``, 0-d, the sums in the accumulation dtype, the
-    count int64 (a NaN element is not counted, and stays NaN).
+def _clamp_block_extremes_(block: Tensor, limit: float, scratch: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``(min b, max b)`` of one block (its dtype; NaN if it holds NaN), then the block clamped in place."""
+    low, high = torch.aminmax(block)
+    block.clamp_(-limit, limit)
+    return low, high
 
-    ``tensors``: one device and dtype, at least one. A block at a time is measured, counted, clamped and
-    measured again, so that it is read from memory once: blocks of at most :data:`CLAMP_BLOCK_NUMEL`
-    elements of a tensor (on CPU; elsewhere of at most :data:`CHUNK_NUMEL`), and packs of tensors smaller
-    than :data:`CPU_DOT_MIN_NUMEL`, copied into a buffer of at most that many elements (small enough that
-    each op on it runs on one thread), clamped there and copied back.
+
+def _clamp_blockwise_(
+    tensors: list[Tensor], limit: float, clamp_block: BlockClamp, scratch: bool
+) -> list[tuple[Tensor, ...]]:
+    """``clamp_block`` on every block of ``tensors``, each read from memory once; what each returned.
+
+    Blocks: slices of at most :data:`CLAMP_BLOCK_NUMEL` elements of a tensor (on CPU; elsewhere of at
+    most :data:`CHUNK_NUMEL`), and packs of tensors smaller than :data:`CPU_DOT_MIN_NUMEL`, copied into a
+    buffer of at most :data:`CLAMP_PACK_NUMEL` elements, clamped there and copied back. ``scratch``: hand
+    ``clamp_block`` a scratch buffer; the pack buffer and a pack's scratch then hold at most
+    1/:data:`MEMORY_SHARE` of the elements together (else the pack buffer alone).
     """
     first = tensors[0]
     total = 0
@@ -351,7 +372,7 @@ def clamp_with_stats_(tensors: list[Tensor], limit: float) -> tuple[Tensor, Tens
             own.append(tensor)
         elif numel:
             small.append(tensor)
-    buffer_numel = _buffer_numel(CPU_DOT_MIN_NUMEL, total)
+    buffer_numel = _buffer_numel(CLAMP_PACK_NUMEL, total // 2 if scratch else total)
     packable = [t for t in small if t.numel() <= buffer_numel]
     if len(packable) < 2:  # nothing to gain from a copy
         packable = []
@@ -359,16 +380,41 @@ def clamp_with_stats_(tensors: list[Tensor], limit: float) -> tuple[Tensor, Tens
     on_cpu = first.device.type == "cpu"
     block_numel = max(CLAMP_BLOCK_NUMEL if on_cpu else _buffer_numel(CHUNK_NUMEL, total), CPU_DOT_MIN_NUMEL)
     blocks = [block for tensor in own for block in _blocks(tensor, block_numel)]
-    scratch = first.new_empty(max([block.numel() for block in blocks] + [buffer_numel * bool(packable)]))
-    parts = [_clamp_block_(block, limit, scratch) for block in blocks]
+    largest = max([block.numel() for block in blocks] + [buffer_numel * bool(packable)])
+    spare = first.new_empty(largest) if scratch else None
+    parts = [clamp_block(block, limit, spare) for block in blocks]
     if packable:
         buffer = first.new_empty(buffer_numel)
         for pack, trailing, numel in _packs(packable, buffer_numel):
             block = torch.cat(pack, out=buffer[:numel].view(-1, *trailing))
-            parts.append(_clamp_block_(block, limit, scratch))
+            parts.append(clamp_block(block, limit, spare))
             torch._foreach_copy_(pack, block.split([t.shape[0] for t in pack]))
+    return parts
+
+
+def clamp_with_stats_(tensors: list[Tensor], limit: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``t ← clamp(t, -limit, limit)`` in place, as :func:`clamp_`, with the statistics of all ``tensors``
+    together: ``(Σ t² before, #{|t| > limit}, Σ t² after)``, 0-d, the sums in the accumulation dtype, the
+    count int64 (a NaN element is not counted, and stays NaN).
+
+    ``tensors``: one device and dtype, at least one. A block at a time (see :func:`_clamp_blockwise_`) is
+    measured, counted, clamped and measured again, so that it is read from memory once.
+    """
+    parts = _clamp_blockwise_(tensors, limit, _clamp_block_, scratch=True)
     if not parts:
-        zero = torch.zeros((), dtype=accumulation_dtype(first.dtype), device=first.device)
+        zero = torch.zeros((), dtype=accumulation_dtype(tensors[0].dtype), device=tensors[0].device)
         return zero, zero.to(torch.int64), zero
     before, count, after = (torch.stack(values) for values in zip(*parts, strict=True))
     return before.sum(), count.to(torch.int64).sum(), after.sum()
+
+
+def clamp_with_peak_(tensors: list[Tensor], limit: float) -> Tensor:
+    """``t ← clamp(t, -limit, limit)`` in place, as :func:`clamp_`, returning ``max|t|`` of all ``tensors``
+    before (0-d, in their dtype; NaN where one holds NaN; 0 without elements). A block at a time (see
+    :func:`_clamp_blockwise_`) is read for its extremes and clamped while in cache.
+    """
+    parts = _clamp_blockwise_(tensors, limit, _clamp_block_extremes_, scratch=False)
+    if not parts:
+        return tensors[0].new_zeros(())
+    lows, highs = (torch.stack(values) for values in zip(*parts, strict=True))
+    return torch.maximum(highs.max(), lows.min().neg())

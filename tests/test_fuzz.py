@@ -146,17 +146,8 @@ def coef_outcome(grads: list[Tensor], coef: float, grad_norm: float) -> Outcome:
 
 
 def norm_reference(grads: list[Tensor], threshold: float, norm_type: float, band: float) -> list[Outcome]:
-    """'norm': ``g ← g · min(1, λ / (‖G‖_p + 1e-6))``; ``clipped_fraction`` is 1 when the factor is < 1.
-
-    The factor is continuous in ‖G‖, so one outcome; only the fraction is ambiguous within ``band``.
-    """
-    norm = p_norm(grads, norm_type)
-    coef = min(1.0, threshold / (norm + NORM_EPS))
-    outcome = coef_outcome(grads, coef, norm)
-    ratio = threshold / (norm + NORM_EPS)
-    sure, maybe = ratio < 1 - band, ratio < 1 + band
-    outcome.fraction = (float(sure), float(maybe))
-    return [outcome]
+    """'norm': ``g ← g · min(1, λ / (‖G‖_p + 1e-6))``, λ = ``threshold`` (:func:`threshold_reference`)."""
+    return threshold_reference(grads, p_norm(grads, norm_type), threshold, band)
 
 
 def value_reference(grads: list[Tensor], threshold: float, bands: list[float]) -> list[Outcome]:
@@ -192,16 +183,13 @@ def adaptive_reference(
 
 
 def threshold_reference(grads: list[Tensor], norm: float, tau: float, band: float) -> list[Outcome]:
-    """The statistics-driven rules' clip at a threshold τ: if ``‖G‖ > τ`` every grad · ``τ / (‖G‖ + 1e-6)``.
-
-    The decision is discontinuous for norms near 1e-6, so within ``band`` of τ both outcomes are allowed.
-    """
-    clipped = coef_outcome(grads, tau / (norm + NORM_EPS), norm)
-    clipped.fraction = (1.0, 1.0)
-    kept = coef_outcome(grads, 1.0, norm)
-    if abs(norm - tau) <= band * max(norm, tau):
-        return [kept, clipped]
-    return [clipped] if norm > tau else [kept]
+    """The clip at a threshold τ of 'norm' and the statistics-driven rules: every grad · ``min(1, τ / (‖G‖
+    + 1e-6))`` (torch's factor: continuous in ‖G‖, and below 1 already for ``τ - 1e-6 < ‖G‖ ≤ τ``), and
+    the step counts as clipped where ``‖G‖ > τ``; within ``band`` of τ it may count either way."""
+    outcome = coef_outcome(grads, min(1.0, tau / (norm + NORM_EPS)), norm)
+    near = math.isfinite(tau) and abs(norm - tau) <= band * max(norm, tau)
+    outcome.fraction = (float(norm > tau and not near), float(norm > tau or near))
+    return [outcome]
 
 
 def percentile(values: list[float], q: float) -> float:

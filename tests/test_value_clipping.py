@@ -95,8 +95,10 @@ SIZE_CASES = {
     "two blocks and a bit": [2 * BLOCK + 3],
     "own below pack": [SMALL - 1, 5],
     "own at pack limit": [SMALL, SMALL + 1, 3],
-    "packs filled exactly": [1024] * (kernels.MEMORY_SHARE * SMALL // 1024),  # a pack of SMALL elements
-    "packs one over": [1025] * (kernels.MEMORY_SHARE * SMALL // 1025 + 1) + [SMALL - 1],
+    # 2^21 elements: packs of 8 Ki elements with statistics (pack and scratch within 1/128), 16 Ki without
+    "packs filled exactly": [1024] * ((1 << 21) // 1024),
+    # packs of 8199 and 16399 elements: one element short of 8 and of 16 of these tensors
+    "packs one over": [1025] * 2047 + [1000],
     "mixed": [BLOCK + 7, SMALL - 1, SMALL, 300, 1, 0, *[97] * 700],
 }
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 
 import torch
@@ -22,14 +21,14 @@ def clamp_grads_(shards: Shards, clip_value: float) -> None:
 
 def clamp_grads_flagging_(shards: Shards, clip_value: float) -> torch.Tensor:
     """:func:`clamp_grads_`, and whether it clipped anything: ``max|g| > λ`` over every grad of every rank
-    (0-d bool; compared in each grad's dtype, as the clamp and the count of :func:`clip_by_value` are). A
-    NaN element does not count (a max that holds NaN reads false)."""
+    (0-d bool; compared in each grad's dtype, as the clamp and the count of :func:`clip_by_value` are),
+    the max taken in the clamping pass (:func:`~gradclip_algo.kernels.clamp_with_peak_`). A NaN element
+    does not count (a max that holds NaN reads false)."""
     flags = []
     for indices in group_by_device_and_dtype(shards.grads).values():
         group = [shards.grads[i] for i in indices]
-        peak = kernels.total_power_sum(group, math.inf).to(group[0].dtype)
+        peak = kernels.clamp_with_peak_(group, clip_value)
         flags.append(peak.gt(clip_value).to(shards.device, torch.float32))
-        kernels.clamp_(group, clip_value)
     if not flags:  # a rank without grads still joins the reduction
         flags.append(torch.zeros((), dtype=torch.float32, device=shards.device))
     return shards.total(torch.stack(flags), maximum=True) > 0
