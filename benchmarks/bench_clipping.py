@@ -85,7 +85,8 @@ FULL = Settings(
     step_case=GPT2_SMALL,
     step_rounds=30,
     sync_steps=5,
-    trainer_runs=(TrainerRun(mlp_case(), 15, 30), TrainerRun(embedding_case(), 8, 15)),
+    # steps per block: a multiple of every log_interval of the case (100 and 10), see measure_step_overhead
+    trainer_runs=(TrainerRun(mlp_case(), 12, 100), TrainerRun(embedding_case(), 20, 10)),
 )
 SMOKE = Settings(
     SMOKE_CASES,

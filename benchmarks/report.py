@@ -197,7 +197,9 @@ def overhead_table(title: str, step_times: list[StepTime], targets: bool = True)
         )
     first = step_times[0]
     lines.append(
-        f"\nMedians over {first.blocks} timed blocks of {first.steps_per_block} steps per configuration."
+        f"\n{first.blocks} timed rounds of a block of {first.steps_per_block} steps per configuration, in one "
+        "Trainer; overhead: the median over rounds of the block's mean time from the backward pass's end to "
+        "BATCH_END, minus that of the block without clipping."
     )
     ratios = []
     for clipping_type, target in TRAINER_TARGETS.items():
@@ -326,13 +328,16 @@ How it is measured (`benchmarks/`):
   ours by torch's. Folded, ours computes the norm and hands the coefficient to the fused kernel as
   `grad_scale` (no pass over the grads to rescale them); skipping becomes the kernel's `found_inf`. The
   least a fold can add is timed too: one read of every grad, then the step handed `grad_scale = 1`.
-- Training-step overhead: one Composer `Trainer` per configuration (no clipping, Composer's
-  `GradientClipping`, `gradclip_algo.GradClipAlgo` with its defaults: it folds into the optimizer where
-  it is exact) trains the same model on the same data; blocks of steps alternate between them, in
-  an order rotated by one each round of blocks (one warm-up block each); a step is timed from `BATCH_START` to `BATCH_END` (forward, backward, clipping,
-  optimizer step). The step time is the median of the block medians; the overhead is the median over
-  blocks of (block median - the block median without clipping), which cancels drifts in machine load
-  between blocks. Two models: a small MLP with SGD (fixed per-step costs such as logging show), and
+- Training-step overhead: one Composer `Trainer` trains on through blocks of steps, each block under one
+  configuration's algorithms (no clipping, Composer's `GradientClipping`, `gradclip_algo.GradClipAlgo`
+  with its defaults: it folds into the optimizer where it is exact), so that every configuration runs on
+  the same parameters and optimizer state in the same memory; a round runs every configuration once, in
+  an order rotated by one each round (one warm-up round). A step is timed from `BATCH_START` to
+  `BATCH_END` (its median per block gives the step time) and from the end of the backward pass to
+  `BATCH_END` (clipping, the optimizer's update, logging: the part clipping changes, free of the forward
+  and backward passes' noise). The overhead is the median over rounds of (the block's mean of the latter
+  - the block without clipping's); a block's steps are a multiple of every `log_interval`, so each block
+  holds the same share of logging steps. Two models: a small MLP with SGD (fixed per-step costs such as logging show), and
   `nn.Embedding(50257, 768)` (dense grads) + a linear head under fused AdamW: a cheap forward and large
   parameters, so the step is dominated by passes over the grads and the optimizer's.
 - Host syncs: the cases of the optimizer-step table on a tiny model, counted per step after the spike

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from composer import Callback, Logger, State, Trainer
 from composer.algorithms import GradientClipping as ComposerGradientClipping
-from composer.core import Algorithm
+from composer.core import Algorithm, Event
 from composer.models import ComposerClassifier
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -28,17 +28,30 @@ OURS = "gradclip_algo"
 
 
 class StepTimer(Callback):
-    """Seconds from ``BATCH_START`` to ``BATCH_END`` of every step: forward, backward, clipping, step."""
+    """Seconds of every step: ``seconds`` from ``BATCH_START`` to ``BATCH_END`` (forward, backward, clipping,
+    the optimizer's update, logging) and ``tail_seconds`` from the last ``AFTER_BACKWARD`` to ``BATCH_END``
+    (clipping, the update, logging: the part of the step that clipping changes, without the noise of the
+    forward and backward passes)."""
 
     def __init__(self) -> None:
         self.seconds: list[float] = []
-        self._start = 0.0
+        self.tail_seconds: list[float] = []
+        self._start = self._backward_end = 0.0
+
+    def clear(self) -> None:
+        self.seconds.clear()
+        self.tail_seconds.clear()
 
     def batch_start(self, state: State, logger: Logger) -> None:
         self._start = time.perf_counter()
 
+    def after_backward(self, state: State, logger: Logger) -> None:
+        self._backward_end = time.perf_counter()
+
     def batch_end(self, state: State, logger: Logger) -> None:
-        self.seconds.append(time.perf_counter() - self._start)
+        now = time.perf_counter()
+        self.seconds.append(now - self._start)
+        self.tail_seconds.append(now - self._backward_end)
 
 
 @dataclass(frozen=True)
@@ -182,7 +195,30 @@ class StepTime:
         return self.configuration.label
 
 
-def _trainer(case: TrainerCase, algorithms: list[Algorithm], timer: StepTimer) -> Trainer:
+class Switch(Algorithm):
+    """The algorithms of one configuration at a time (``active``), so that every configuration trains the
+    same parameters and optimizer state, in the same memory, in one ``Trainer``: the step times then differ
+    by what the algorithms do, not by where the allocator put each run's tensors."""
+
+    def __init__(self, configurations: dict[str, list[Algorithm]]) -> None:
+        self.configurations = configurations
+        self.active = next(iter(configurations))
+
+    def _algorithms(self, event: Event) -> list[Algorithm]:
+        if event == Event.INIT:  # every configuration's algorithms see the Trainer's set-up
+            return [algorithm for algorithms in self.configurations.values() for algorithm in algorithms]
+        return self.configurations[self.active]
+
+    def match(self, event: Event, state: State) -> bool:
+        return any(algorithm.match(event, state) for algorithm in self._algorithms(event))
+
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
+        for algorithm in self._algorithms(event):
+            if algorithm.match(event, state):
+                algorithm.apply(event, state, logger)
+
+
+def _trainer(case: TrainerCase, switch: Switch, timer: StepTimer) -> Trainer:
     generator = torch.Generator().manual_seed(0)
     inputs = case.make_inputs(generator, 32 * case.batch)
     targets = torch.randint(0, case.classes, (32 * case.batch,), generator=generator)
@@ -191,7 +227,7 @@ def _trainer(case: TrainerCase, algorithms: list[Algorithm], timer: StepTimer) -
         model=model,
         train_dataloader=DataLoader(TensorDataset(inputs, targets), batch_size=case.batch),
         optimizers=case.make_optimizer(list(model.parameters())),
-        algorithms=algorithms,
+        algorithms=[switch],
         callbacks=[timer],
         loggers=[],
         device="cpu",
@@ -202,38 +238,45 @@ def _trainer(case: TrainerCase, algorithms: list[Algorithm], timer: StepTimer) -
 
 
 def measure_step_overhead(case: TrainerCase, blocks: int, steps_per_block: int) -> list[StepTime]:
-    """Median step time per configuration, and its overhead over the run without clipping.
+    """Step time per configuration and its overhead over the run without clipping.
 
-    Blocks of ``steps_per_block`` steps alternate between the configurations (one ``Trainer`` each, trained
-    on with ``fit(duration=...)``), in an order rotated by one each round of blocks; the first round is
-    warm-up. The overhead is the median over blocks of
-    the difference of block medians, so a drift in machine load between blocks cancels out.
+    One ``Trainer`` trains on through blocks of ``steps_per_block`` steps (``fit(duration=...)``), each block
+    under one configuration's algorithms (:class:`Switch`); a round runs every configuration once, in an
+    order rotated by one each round, and the first round is warm-up. The step time is the median over
+    rounds of a block's median step. The overhead is the median over rounds of the difference between a
+    block's mean of :attr:`StepTimer.tail_seconds` and the block without clipping's: the mean counts the
+    steps that log as often as they occur (``steps_per_block`` a multiple of every ``log_interval`` gives
+    each block the same share of them), and the median over rounds cancels drifts in machine load and
+    stalls of single blocks.
     """
     configurations = case.configurations
-    timers = {c.label: StepTimer() for c in configurations}
-    trainers = {c.label: _trainer(case, c.make(), timers[c.label]) for c in configurations}
-    block_medians: dict[str, list[float]] = {c.label: [] for c in configurations}
-    labels = list(trainers)
+    timer = StepTimer()
+    switch = Switch({c.label: c.make() for c in configurations})
+    trainer = _trainer(case, switch, timer)
+    steps: dict[str, list[float]] = {c.label: [] for c in configurations}
+    tails: dict[str, list[float]] = {c.label: [] for c in configurations}
+    labels = [c.label for c in configurations]
     for block in range(blocks + 1):
         shift = block % len(labels)  # rotated by one each round: no configuration always follows another
         for label in labels[shift:] + labels[:shift]:
-            timers[label].seconds.clear()
-            trainers[label].fit(duration=f"{steps_per_block}ba")
+            switch.active = label
+            timer.clear()
+            trainer.fit(duration=f"{steps_per_block}ba")
             if block > 0:
-                block_medians[label].append(statistics.median(timers[label].seconds))
-    for trainer in trainers.values():
-        trainer.close()
-    baseline = block_medians[NO_CLIPPING]
+                steps[label].append(statistics.median(timer.seconds))
+                tails[label].append(statistics.fmean(timer.tail_seconds))
+    trainer.close()
+    baseline = statistics.median(steps[NO_CLIPPING])
     results = []
     for configuration in configurations:
-        medians = block_medians[configuration.label]
-        overhead = statistics.median(m - b for m, b in zip(medians, baseline, strict=True))
+        differences = zip(tails[configuration.label], tails[NO_CLIPPING], strict=True)
+        overhead = statistics.median(tail - base for tail, base in differences)
         results.append(
             StepTime(
                 configuration,
-                statistics.median(medians),
+                statistics.median(steps[configuration.label]),
                 overhead,
-                overhead / statistics.median(baseline),
+                overhead / baseline,
                 blocks,
                 steps_per_block,
             )
