@@ -23,7 +23,7 @@ from benchmarks.optimizer_step import (
     UNFOLDED,
     StepResult,
 )
-from benchmarks.trainer_overhead import COMPOSER, StepTime
+from benchmarks.trainer_overhead import COMPOSER, NO_CLIPPING, StepTime
 from benchmarks.trainer_overhead import OURS as OURS_ALGORITHM
 
 MS = 1e3
@@ -187,12 +187,13 @@ def overhead_table(title: str, step_times: list[StepTime], targets: bool = True)
     lines = [
         f"### Composer training step: {title}, CPU",
         "",
-        "| configuration | median step ms | overhead ms | overhead, % of step |",
+        "| configuration | median step ms | overhead ms (quartiles over rounds) | overhead, % of step |",
         "| --- | ---: | ---: | ---: |",
     ]
     for step in step_times:
+        spread = f" ({_quartiles_ms(list(step.differences_s))})" if step.label != NO_CLIPPING else ""
         lines.append(
-            f"| {step.label} | {step.median_s * MS:.2f} | {step.overhead_s * MS:+.2f} "
+            f"| {step.label} | {step.median_s * MS:.2f} | {step.overhead_s * MS:+.2f}{spread} "
             f"| {100 * step.overhead_share:+.1f} % |"
         )
     first = step_times[0]

@@ -181,7 +181,8 @@ def embedding_case(
 
 @dataclass(frozen=True)
 class StepTime:
-    """Median step time of one configuration and its overhead over the run without clipping."""
+    """Median step time of one configuration and its overhead over the run without clipping (the median
+    of ``differences_s``, one per round)."""
 
     configuration: Configuration
     median_s: float
@@ -189,6 +190,7 @@ class StepTime:
     overhead_share: float
     blocks: int
     steps_per_block: int
+    differences_s: tuple[float, ...] = ()
 
     @property
     def label(self) -> str:
@@ -269,8 +271,9 @@ def measure_step_overhead(case: TrainerCase, blocks: int, steps_per_block: int) 
     baseline = statistics.median(steps[NO_CLIPPING])
     results = []
     for configuration in configurations:
-        differences = zip(tails[configuration.label], tails[NO_CLIPPING], strict=True)
-        overhead = statistics.median(tail - base for tail, base in differences)
+        pairs = zip(tails[configuration.label], tails[NO_CLIPPING], strict=True)
+        differences = tuple(tail - base for tail, base in pairs)
+        overhead = statistics.median(differences)
         results.append(
             StepTime(
                 configuration,
@@ -279,6 +282,7 @@ def measure_step_overhead(case: TrainerCase, blocks: int, steps_per_block: int) 
                 overhead / baseline,
                 blocks,
                 steps_per_block,
+                differences,
             )
         )
     return results

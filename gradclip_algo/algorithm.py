@@ -150,9 +150,9 @@ class GradClipAlgo(Algorithm):
     Steps that are not logged do not synchronise with the device (the counters stay device tensors) unless
     an option needs it (``nonfinite='error'``; ``nonfinite='skip'`` and ``skip_spikes`` where not folded).
     Nor do they measure what only the logged metrics need: with ``log_interval`` > 1, ``'value'`` clipping
-    measures on the other steps only whether it clipped anything (``with_stats='clipped'``: one read for
-    ``max|g| > λ`` in place of its two norms and count), which ``clipped_steps_fraction`` counts; under
-    fp16 AMP every step is measured. ``stats_every_step=True`` measures every step fully.
+    measures on the other steps only whether it clipped anything (``with_stats='clipped'``: ``max|g| > λ``,
+    taken in the clamping pass, in place of its two norms and count), which ``clipped_steps_fraction``
+    counts; under fp16 AMP every step is measured. ``stats_every_step=True`` measures every step fully.
     ``last_stats`` holds the latest ``ClipStats`` for callbacks (on a step measured only for its clipped
     flag: ``clipped_fraction`` 1.0 or 0.0 and NaN norms). ``state_dict()`` holds the clipper's
     statistics and the logging counters as tensors and plain Python values. ``required_on_load()`` stays

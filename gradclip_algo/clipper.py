@@ -149,9 +149,10 @@ class GradientClipper:
         the grads ('value': its norms and clipped count); the clipping itself is the same. A step skipped by
         dropping the grads still returns its ``ClipStats`` (a folded skip, decided on the device, does not).
         ``with_stats='clipped'`` measures only whether anything was clipped, where that is cheaper than the
-        statistics ('value': one read for ``max|g| > λ`` in place of its norms and count): the ``ClipStats``
-        then holds ``clipped_fraction`` 1.0 or 0.0 and NaN norms; the other types return all their
-        statistics. ``fold_into``: the optimizers of this call, in place of the clipper's own (``()``: none).
+        statistics ('value': ``max|g| > λ``, taken in the clamping pass, in place of its norms and count):
+        the ``ClipStats`` then holds ``clipped_fraction`` 1.0 or 0.0 and NaN norms; the other types return
+        all their statistics. ``fold_into``: the optimizers of this call, in place of the clipper's own
+        (``()``: none).
         """
         if with_stats != "clipped" and not isinstance(with_stats, bool):
             raise ValueError(f"with_stats: expected true, false or 'clipped', got {with_stats!r}")
