@@ -361,8 +361,10 @@ def coef_rtol(numel: int, norm_type: float = 2.0) -> float:
 
     Calibrated on torch's own fp32 ``vector_norm`` (about ``numel / 2600`` units of roundoff at 4M
     elements) with a margin; ``p < 1`` raises the power sum to ``1/p > 1``, which multiplies its error.
+    The floor of 192 units: torch's foreach norm with p = 0.5 of 16,381 bf16 grads was off by 140 units
+    in its power sum (``make fuzz`` found it against a floor of 64).
     """
-    return FP32_EPS * (64 + numel / 256) * max(1.0, 1.0 / norm_type)
+    return FP32_EPS * (192 + numel / 256) * max(1.0, 1.0 / norm_type)
 
 
 def underflow_atol(numel: int, norm_type: float) -> float:
@@ -441,13 +443,14 @@ def crash(error: Exception, context: str) -> AssertionError:
 
 
 def flag_mismatch(stats: ClipStats, outcome: Outcome) -> tuple[type[AssertionError], list[str]] | None:
-    """``with_stats='clipped'`` on 'value': NaN norms, and a ``clipped_fraction`` of 1.0 exactly where the
-    reference clipped an element (either where the reference norm is NaN: a max holding NaN reads false)."""
+    """``with_stats='clipped'`` on 'value': NaN norms (not measured; a call that finds no grads returns
+    ``ClipStats.empty()``, zeros), and a ``clipped_fraction`` of 1.0 exactly where the reference clipped an
+    element (either where the reference norm is NaN: a max holding NaN reads false)."""
     problems = []
-    if not (math.isnan(float(stats.grad_norm)) and math.isnan(float(stats.clipped_grad_norm))):
-        problems.append(
-            f"norms: got {stats.grad_norm}, {stats.clipped_grad_norm}, expected NaN (not measured)"
-        )
+    norms = (float(stats.grad_norm), float(stats.clipped_grad_norm))
+    empty = outcome.grad_norm == 0 and norms == (0.0, 0.0)
+    if not (empty or all(math.isnan(norm) for norm in norms)):
+        problems.append(f"norms: got {norms}, expected NaN (not measured)")
     low, high = outcome.fraction
     either = math.isnan(outcome.grad_norm) or low == 0 < high
     allowed = {0.0, 1.0} if either else {float(low > 0)}
@@ -1287,6 +1290,15 @@ def test_pinned_with_stats_false_returns_none_without_grads() -> None:
     """``with_stats=False`` returns None; with no grads at all it returned ``ClipStats.empty()``."""
     param = nn.Parameter(torch.zeros(3))
     assert apply_gradient_clipping([param], "norm", 1.0, with_stats=False) is None
+    assert param.grad is None
+
+
+def test_pinned_clipped_flag_without_grads_is_empty_stats() -> None:
+    """``with_stats='clipped'`` with no grads at all returns ``ClipStats.empty()`` (zero norms, nothing
+    clipped), as the full statistics do: the fuzz's flag checker expected NaN norms there."""
+    param = nn.Parameter(torch.zeros(1))
+    stats = apply_gradient_clipping([param, param], "value", 1.0, with_stats="clipped", nonfinite="skip")
+    assert stats is not None and stats.as_dict() == ClipStats.empty().as_dict()
     assert param.grad is None
 
 
