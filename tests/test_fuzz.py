@@ -1302,6 +1302,19 @@ def test_pinned_clipped_flag_without_grads_is_empty_stats() -> None:
     assert param.grad is None
 
 
+def test_pinned_value_norms_of_a_long_strided_grad() -> None:
+    """'value' on a strided fp32 grad of 16,381 elements (every other one of a buffer), most of them
+    clamped to ±0.1: its norm after clipping was off by 1.9e-5 (torch's reduction over a strided tensor
+    sums in order, in float32); both norms now within 1e-6 of float64."""
+    gen = torch.Generator().manual_seed(0)
+    param = nn.Parameter(torch.zeros(16381))
+    param.grad = torch.randn(2 * 16381, generator=gen)[::2]
+    want = param.grad.double()
+    stats = apply_gradient_clipping([param], "value", 0.1)
+    assert float(stats.grad_norm) == pytest.approx(float(want.norm()), rel=1e-6)
+    assert float(stats.clipped_grad_norm) == pytest.approx(float(want.clamp(-0.1, 0.1).norm()), rel=1e-6)
+
+
 @pytest.mark.parametrize("shape", [(1, 0), (3, 0, 2)])
 def test_pinned_value_stats_on_empty_grad_with_zero_trailing_dim(shape: tuple[int, ...]) -> None:
     """'value' with stats on an empty grad whose trailing dims hold a 0 raised ``RuntimeError: cannot reshape
