@@ -11,8 +11,9 @@ Each primitive takes tensors of one device and one dtype (callers group them; se
 - :func:`clamp_with_peak_`: the same, with ``max|t|`` before;
 - :func:`scale_units_`: ``G_u ← G_u · f(‖G_u‖, ‖W_u‖)`` per unit u (AGC).
 
-Sums are accumulated in float32, or float64 for float64 tensors (as torch's norms are). The fast paths,
-each covered at and around its size limits by the differential fuzz (``tests/test_fuzz.py``):
+Sums are accumulated in float32, or float64 for float64 tensors (as torch's norms are; the sums of squares
+of a strided CPU block of :func:`clamp_with_stats_` in float64). The fast paths, each covered at and
+around its size limits by the differential fuzz (``tests/test_fuzz.py``):
 
 - CPU, p = 2, float32/float64: ``torch.dot(t, t)`` for tensors of at least :data:`CPU_DOT_MIN_NUMEL`
   elements; smaller ones are copied, a pack of at most :data:`PACK_NUMEL` elements at a time, into one
