@@ -203,6 +203,7 @@ class Switch(Algorithm):
     by what the algorithms do, not by where the allocator put each run's tensors."""
 
     def __init__(self, configurations: dict[str, list[Algorithm]]) -> None:
+        super().__init__()
         self.configurations = configurations
         self.active = next(iter(configurations))
 
