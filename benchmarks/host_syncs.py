@@ -85,9 +85,8 @@ def count_syncs(case: Case, device: torch.device, steps: int) -> dict[str, float
         warmup = spikes.SPIKE_WINDOW // 2 + 1 if "skip_spikes" in step_case.options else 1
         counter = [0]
         for index in range(warmup + steps):
-            torch._foreach_copy_(grads, initial)
-            for param, grad in zip(copy, grads, strict=True):
-                param.grad = grad
+            for param, grad in zip(copy, initial, strict=True):  # fresh grads, as zero_grad() and backward()
+                param.grad = grad.clone()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             if index < warmup:

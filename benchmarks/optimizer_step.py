@@ -147,10 +147,10 @@ def time_optimizer_steps(
         copies.append([nn.Parameter(param.detach().clone()) for param in source])
 
     def reset() -> None:
-        torch._foreach_copy_(grads, initial)
+        # fresh grads, as zero_grad() and a backward pass give
         for params in copies:
-            for param, grad in zip(params, grads, strict=True):
-                param.grad = grad
+            for param, grad in zip(params, initial, strict=True):
+                param.grad = grad.clone()
 
     reset()
     calls = {

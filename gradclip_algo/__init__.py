@@ -11,6 +11,7 @@ from importlib import import_module
 from typing import Any
 
 from gradclip_algo.clipper import GradientClipper
+from gradclip_algo.folding import FoldError
 from gradclip_algo.functional import apply_gradient_clipping
 from gradclip_algo.kernels import unit_norms
 from gradclip_algo.nonfinite import NONFINITE_MODES, NonFiniteGradError
@@ -25,6 +26,7 @@ __all__ = [
     "CLIPPING_TYPES",
     "NONFINITE_MODES",
     "ClipStats",
+    "FoldError",
     "GradClipAlgo",
     "GradientClipper",
     "NonFiniteGradError",

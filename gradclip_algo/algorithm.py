@@ -7,6 +7,7 @@ Its class name differs from Composer's own ``GradientClipping``: Composer keys c
 from __future__ import annotations
 
 import difflib
+import logging
 import math
 import warnings
 from collections.abc import Collection, Mapping
@@ -19,13 +20,13 @@ from torch.optim import Optimizer
 from gradclip_algo.extras import missing_extra
 
 try:
-    from composer.core import Algorithm, Event, Precision, State
+    from composer.core import Algorithm, Callback, Event, Precision, State
     from composer.loggers import Logger
 except ModuleNotFoundError as err:
     raise missing_extra(err, "gradclip_algo.GradClipAlgo") from None
 
 from gradclip_algo.clipper import GradientClipper
-from gradclip_algo.folding import supports_folding
+from gradclip_algo.folding import prepare_folding, supports_folding
 from gradclip_algo.layer_norms import LayerGradNorms, grad_norms_by_name, norm_metrics
 from gradclip_algo.nonfinite import NonFiniteGradError
 from gradclip_algo.rules import RULES
@@ -36,6 +37,7 @@ METRIC_PREFIX = "gradient_clipping"
 COUNTERS = ("steps_since_log", "clipped_steps", "skipped_steps")
 """The logging counters a checkpoint holds beside the clipper's statistics."""
 NAME = "GradClipAlgo"
+log = logging.getLogger(__name__)
 
 
 class _Required:
@@ -97,6 +99,15 @@ def _threshold_hint(clipping_type: Any, value: Any) -> str:
     return "; YAML reads inf as a string: write .inf"
 
 
+def _handles_after_train_batch(callback: Callback) -> bool:
+    """Whether a callback from outside Composer runs code at ``AFTER_TRAIN_BATCH`` (Composer's own only read
+    there)."""
+    cls = type(callback)
+    return not cls.__module__.startswith("composer.") and (
+        cls.after_train_batch is not Callback.after_train_batch or cls.run_event is not Callback.run_event
+    )
+
+
 class GradClipAlgo(Algorithm):
     """Clip the gradients once per optimizer step inside a Composer ``Trainer`` and log what was done.
 
@@ -140,12 +151,15 @@ class GradClipAlgo(Algorithm):
     ``gradient_clipping/l2_norm/grad_block/<block>`` for every block; ``last_layer_norms`` holds the
     latest :class:`~gradclip_algo.layer_norms.LayerGradNorms`. Other steps do not compute them.
 
-    ``fold_into_optimizer`` (default ``True``): where every optimizer of the Trainer is one of torch's fused
-    optimizers (``fused=True``) and the fold is exact (no fp16 AMP, no ``exclude``d parameter, no DTensor
-    grads), the norm-based types hand their factor to ``optimizer.step()`` as its ``grad_scale`` and skips
-    become its ``found_inf``, so clipping costs one read of the grads and skipping no host sync
-    (:mod:`gradclip_algo.folding`). Callbacks that read ``.grad`` after ``AFTER_TRAIN_BATCH`` and before
-    the step then see the unclipped grads. ``False`` always rescales.
+    ``fold_into_optimizer`` (default ``True``): hand the clipping to ``optimizer.step()`` where that computes
+    exactly what clipping the grads computes (:mod:`gradclip_algo.folding`): every optimizer of the Trainer
+    is one of torch's fused optimizers (``fused=True``), no fp16 AMP (its GradScaler owns ``grad_scale``),
+    and nothing else may act on the grads between this algorithm and the step: no other algorithm that
+    matches ``Event.AFTER_TRAIN_BATCH`` (Composer's ``GradientClipping`` included, in either order) and no
+    callback outside Composer that handles that event. The norm-based types then hand their factor to the
+    step as its ``grad_scale`` and skips become its ``found_inf``, so clipping costs one read of the grads
+    and skipping no host sync; callbacks that read ``.grad`` before the step see the unclipped grads.
+    Where it does not fold, ``fold_why_not`` says why (logged once at INFO level). ``False`` never folds.
 
     Steps that are not logged do not synchronise with the device (the counters stay device tensors) unless
     an option needs it (``nonfinite='error'``; ``nonfinite='skip'`` and ``skip_spikes`` where not folded).
@@ -192,6 +206,8 @@ class GradClipAlgo(Algorithm):
         self._pending: ClipStats | None = None
         self._pending_layer_norms: LayerGradNorms | None = None
         self._warned_fp16 = False
+        self.fold_why_not = ""
+        """Why the latest step was not folded into the optimizers (``""``: it was, or none has run)."""
         self._reset_counters()
 
     def _reset_counters(self) -> None:
@@ -200,9 +216,14 @@ class GradClipAlgo(Algorithm):
         self._skipped_steps: int | Tensor = 0
 
     def match(self, event: Event, state: State) -> bool:
-        return event in (Event.AFTER_TRAIN_BATCH, Event.BATCH_END)
+        return event in (Event.FIT_START, Event.AFTER_TRAIN_BATCH, Event.BATCH_END)
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
+        if event == Event.FIT_START:
+            # the step hooks go in before the first step, whose closure runs the first clip
+            if self._fold_targets(state, state.precision == Precision.AMP_FP16):
+                prepare_folding(state.optimizers)
+            return
         if event == Event.BATCH_END:
             # The timestamp now counts the batch just trained, as Composer's console_log_interval and
             # OptimizerMonitor read it: batches k, 2k, ... are logged, with the same step numbers.
@@ -237,12 +258,37 @@ class GradClipAlgo(Algorithm):
         self._pending_layer_norms = layer_norms
 
     def _fold_targets(self, state: State, fp16: bool) -> tuple[Optimizer, ...]:
-        """The optimizers to fold into: all of the Trainer's when every one reads ``grad_scale`` and
-        ``found_inf``; none under fp16 AMP (the GradScaler owns them) or with ``fold_into_optimizer=False``."""
-        optimizers = tuple(state.optimizers)
-        if not self.fold_into_optimizer or fp16:
-            return ()
-        return optimizers if all(map(supports_folding, optimizers)) else ()
+        """The optimizers to fold into: all of the Trainer's where folding is exact (see the class
+        docstring), else none, with the reason in ``fold_why_not``."""
+        why_not = self._fold_why_not(state, fp16)
+        if why_not and why_not != self.fold_why_not and self.fold_into_optimizer:
+            log.info("%s: the clipping is not folded into the optimizer step: %s", NAME, why_not)
+        self.fold_why_not = why_not
+        return () if why_not else tuple(state.optimizers)
+
+    def _fold_why_not(self, state: State, fp16: bool) -> str:
+        if not self.fold_into_optimizer:
+            return "fold_into_optimizer=False"
+        if fp16:
+            return "precision='amp_fp16' (its GradScaler owns grad_scale and found_inf)"
+        unsupported = [type(opt).__name__ for opt in state.optimizers if not supports_folding(opt)]
+        if unsupported:
+            return f"{', '.join(unsupported)} reads no grad_scale/found_inf (use fused=True)"
+        # Composer orders the algorithms of an event by passes this algorithm does not see, so any other
+        # algorithm of AFTER_TRAIN_BATCH may run after it
+        others = [
+            type(alg).__name__
+            for alg in state.algorithms
+            if alg is not self and alg.match(Event.AFTER_TRAIN_BATCH, state)
+        ]
+        if others:
+            return (
+                f"{', '.join(others)} also runs at AFTER_TRAIN_BATCH and may change the grads after the clip"
+            )
+        callbacks = [type(cb).__name__ for cb in state.callbacks if _handles_after_train_batch(cb)]
+        if callbacks:
+            return f"callback {', '.join(callbacks)} handles AFTER_TRAIN_BATCH and may change the grads"
+        return ""
 
     def _layer_norms(self, state: State, logs: bool) -> LayerGradNorms | None:
         """Per-parameter grad norms (device tensors) when ``log_layer_norms`` is set and this step logs."""

@@ -21,8 +21,17 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from gradclip_algo.caller import warn_at_caller
 from gradclip_algo.distributed import Shards, check_process_group, local_shards
-from gradclip_algo.folding import FoldPlan, Optimizers, check_fold_into, hand_to_step
+from gradclip_algo.folding import (
+    FoldPlan,
+    Optimizers,
+    check_fold_into,
+    factor_is_foldable,
+    hand_to_step,
+    prepare_folding,
+    settle_pending,
+)
 from gradclip_algo.nonfinite import NONFINITE_MODES, any_rank, nonfinite_error, zero_nonfinite_
 from gradclip_algo.norm_history import check_history
 from gradclip_algo.norms import scale_grads_
@@ -117,6 +126,8 @@ class GradientClipper:
         self.stateful = self.rule.update is not None or self.skip_spikes is not None
         """Whether the clipper keeps statistics from call to call (a stateful rule, or spike skipping)."""
         self.fold_into = check_fold_into("fold_into", fold_into)
+        prepare_folding(self.fold_into)
+        self.factor_why_not = self._factor_why_not()
         if (
             self.fold_into
             and not self.rule.one_factor
@@ -159,6 +170,8 @@ class GradientClipper:
         optimizers = self.fold_into if fold_into is None else check_fold_into("fold_into", fold_into)
         module = parameters if isinstance(parameters, nn.Module) else None
         everything = collect(parameters, names=self.exclusion is not None)
+        # a fold of these grads still waiting for its step is applied first, as unfolded
+        settle_pending([param for _, param in everything])
         selected, grads = with_grads(everything, self.exclusion, module)
         if not self._warned and (self.exclusion is not None or not selected):
             self._warn_about(everything, selected)
@@ -188,7 +201,9 @@ class GradientClipper:
         if coefficient is not None and not plan.factor:
             scale_grads_(shards.grads, coefficient)
         if optimizers:
-            hand_to_step(optimizers, coefficient if plan.factor else None, skip)
+            folded = coefficient if plan.factor else None
+            params = everything if skip is not None else selected
+            hand_to_step(optimizers, [param for _, param in params], folded, skip)
         if stats is None or not with_stats:
             return None
         stats = replace(stats, folded=(plan.factor and coefficient is not None) or skip is not None)
@@ -207,17 +222,33 @@ class GradientClipper:
             [param for _, param in selected],
             [param for _, param in everything if param.grad is not None],
             local=shards.layout == "local",
+            factor_why_not=self.factor_why_not,
         )
         if plan.skip and self.rule.init is not None and self.state is None:
             plan = replace(plan, skip=False)
         if plan.why_not and self.fold_into and not self._warned_fold:
-            warnings.warn(
+            warn_at_caller(
                 f"fold_into: the clipping is not folded into the optimizer: {plan.why_not}; the grads are "
-                "rescaled instead",
-                stacklevel=3,
+                "rescaled instead"
             )
             self._warned_fold = True
         return plan
+
+    def _factor_why_not(self) -> str | None:
+        """``None`` where the rule clips by no single factor, else why the factor can never be folded
+        (``""``: it can): its reciprocal must be a finite float32 for every norm, which a fixed threshold
+        can guarantee and one computed on the device (quantile, zscore) cannot."""
+        if not self.rule.one_factor:
+            return None
+        if self.rule.init is not None:
+            return "the threshold is computed on the device, so 1/coefficient could overflow float32"
+        norm_type = self.options.stats_norm_type
+        if not factor_is_foldable(self.clipping_threshold, norm_type):
+            return (
+                f"1/coefficient could overflow float32 at clipping_threshold={self.clipping_threshold!r} "
+                f"with norm_type={norm_type!r} (a fold needs a threshold of at least 2 for p = inf or p <= 1)"
+            )
+        return ""
 
     def _judge_spike(
         self, shards: Shards, everything: list[Named], plan: FoldPlan, skip: Tensor | None

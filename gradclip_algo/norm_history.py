@@ -1,7 +1,8 @@
 """A bounded history of global grad norms on the device: a ring buffer that only finite norms enter.
 
-Empty slots hold NaN, so NaN-ignoring reductions (``torch.nanquantile``, masked sums) see exactly the norms
-recorded so far, however full the window is, without a host sync.
+``count`` finite norms were recorded; the first ``min(count, window)`` slots hold the last of them (in
+ring order) and the others are empty, held as 0 so that a checkpoint compares equal to its copy.
+:func:`recorded` masks the empty slots out without a host sync.
 """
 
 from __future__ import annotations
@@ -19,17 +20,24 @@ def statistics_dtype(device: torch.device | str) -> torch.dtype:
 
 
 def empty_history(window: int, device: torch.device | str) -> dict[str, Tensor]:
-    """``norms``: ``window`` slots (:func:`statistics_dtype`), all NaN; ``count``: how many finite norms
-    were recorded (int64)."""
+    """``norms``: ``window`` empty slots (:func:`statistics_dtype`); ``count``: how many finite norms were
+    recorded (int64)."""
     return {
-        "norms": torch.full((window,), float("nan"), dtype=statistics_dtype(device), device=device),
+        "norms": torch.zeros((window,), dtype=statistics_dtype(device), device=device),
         "count": torch.zeros((), dtype=torch.int64, device=device),
     }
 
 
+def recorded(history: dict[str, Tensor]) -> Tensor:
+    """Which slots hold a recorded norm (a bool mask on the device)."""
+    norms = history["norms"]
+    return torch.arange(norms.numel(), device=norms.device) < history["count"]
+
+
 def check_history(field: str, history: dict[str, Tensor]) -> None:
     """``ValueError`` unless ``history`` could have been made by :func:`record_`: a count ≥ 0, finite
-    norms ≥ 0 in the first ``min(count, window)`` slots, NaN in the others. Reads the values (a sync)."""
+    norms ≥ 0 in the first ``min(count, window)`` slots, 0 or NaN in the others (NaN: checkpoints written
+    before empty slots were 0). Empty slots are then set to 0. Reads the values (a sync)."""
     norms = check_state_tensor(f"{field}.norms", history["norms"], statistics_dtype("cpu"), ndim=1)
     count = int(check_state_tensor(f"{field}.count", history["count"], torch.int64, ndim=0))
     if count < 0:
@@ -38,8 +46,11 @@ def check_history(field: str, history: dict[str, Tensor]) -> None:
     values = norms.detach().cpu()
     if not (torch.isfinite(values[:filled]).all() and (values[:filled] >= 0).all()):
         raise ValueError(f"{field}.norms: the {filled} recorded norms must be finite and >= 0")
-    if not torch.isnan(values[filled:]).all():
-        raise ValueError(f"{field}.norms: slots after the {filled} recorded norms must be NaN (empty)")
+    empty = values[filled:]
+    if not (torch.isnan(empty) | (empty == 0)).all():
+        raise ValueError(f"{field}.norms: slots after the {filled} recorded norms must be 0 (empty)")
+    with torch.no_grad():
+        norms[filled:] = 0.0
 
 
 def record_(history: dict[str, Tensor], norm: Tensor) -> None:
@@ -54,9 +65,8 @@ def record_(history: dict[str, Tensor], norm: Tensor) -> None:
 
 def mean_and_std(history: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """Mean and sample standard deviation (ddof 1) of the recorded norms, and how many there are."""
-    norms = history["norms"]
-    recorded = torch.isfinite(norms)
-    count = recorded.sum()
-    mean = torch.where(recorded, norms, 0.0).sum() / count.clamp(min=1)
-    variance = torch.where(recorded, (norms - mean).square(), 0.0).sum() / (count - 1).clamp(min=1)
+    norms, mask = history["norms"], recorded(history)
+    count = mask.sum()
+    mean = torch.where(mask, norms, 0.0).sum() / count.clamp(min=1)
+    variance = torch.where(mask, (norms - mean).square(), 0.0).sum() / (count - 1).clamp(min=1)
     return mean, variance.sqrt(), count

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -110,30 +111,37 @@ def test_trainer_clips_every_step_under_each_precision(device: str, precision: s
             self.after.append([p.detach().float().clone() for p in params])
             self.grads.append([p.grad.detach().float().clone() for p in params])
 
-    torch.manual_seed(0)
-    module = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 4))
-    model = ComposerClassifier(module, num_classes=4)
+    def fit(algorithm: GradClipAlgo, *extra: Any) -> ComposerClassifier:
+        torch.manual_seed(0)
+        module = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 4))
+        model = ComposerClassifier(module, num_classes=4)
+        trainer = Trainer(
+            model=model,
+            train_dataloader=DataLoader(TensorDataset(inputs, targets), batch_size=16),
+            optimizers=torch.optim.SGD(model.parameters(), lr=LR, fused=True),
+            algorithms=[algorithm, *(alg for alg in extra if isinstance(alg, Algorithm))],
+            callbacks=[cb for cb in extra if isinstance(cb, Callback) and not isinstance(cb, InMemoryLogger)],
+            loggers=[cb for cb in extra if isinstance(cb, InMemoryLogger)],
+            max_duration="6ba",
+            device=device,
+            precision=precision,
+            progress_bar=False,
+            log_to_console=False,
+            seed=0,
+        )
+        trainer.fit()
+        trainer.close()
+        return model
+
     generator = torch.Generator().manual_seed(0)
     inputs = torch.randn(96, 64, generator=generator)
     targets = torch.randint(0, 4, (96,), generator=generator)
     probe, after, memory = Probe(), After(), InMemoryLogger()
     algorithm = GradClipAlgo("norm", THRESHOLD)
-    trainer = Trainer(
-        model=model,
-        train_dataloader=DataLoader(TensorDataset(inputs, targets), batch_size=16),
-        optimizers=torch.optim.SGD(model.parameters(), lr=LR, fused=True),
-        algorithms=[algorithm, probe],
-        callbacks=[after],
-        loggers=[memory],
-        max_duration="6ba",
-        device=device,
-        precision=precision,
-        progress_bar=False,
-        log_to_console=False,
-        seed=0,
-    )
-    trainer.fit()
-    trainer.close()
+    probed = fit(algorithm, probe, after, memory)
+    # the probe may change the grads after the clip, so nothing is folded
+    assert algorithm.last_stats is not None and not algorithm.last_stats.folded
+    assert "Probe also runs at AFTER_TRAIN_BATCH" in algorithm.fold_why_not
 
     logged = [value for _, value in memory.data["gradient_clipping/grad_norm"]]
     assert len(probe.grads) == len(after.after) == len(logged) == 6
@@ -154,9 +162,13 @@ def test_trainer_clips_every_step_under_each_precision(device: str, precision: s
         if precision == "amp_fp16":  # not folded: the grads themselves were clipped before the step
             assert _norm(after.grads[step]) == pytest.approx(min(norm, THRESHOLD), rel=1e-4)
     assert taken >= 4 and clipped >= 1, (taken, clipped)
-    if folding_supported():  # folded into fused SGD, except under fp16 AMP (the GradScaler's attributes)
-        assert algorithm.last_stats is not None
-        assert algorithm.last_stats.folded is (precision != "amp_fp16")
+    # alone, it folds into fused SGD, except under fp16 AMP (the GradScaler's attributes): the same weights
+    alone = GradClipAlgo("norm", THRESHOLD)
+    weights = list(fit(alone).parameters())
+    assert alone.last_stats is not None
+    assert alone.last_stats.folded is (folding_supported() and precision != "amp_fp16")
+    for folded, unfolded in zip(weights, probed.parameters(), strict=True):
+        torch.testing.assert_close(folded, unfolded, rtol=1e-3, atol=1e-6)
 
 
 # ---- no host sync, folded, with spike skipping --------------------------------------------------------

@@ -20,7 +20,7 @@ import torch
 from conftest import Guard
 from torch import Tensor, nn
 
-from gradclip_algo import GradientClipper, apply_gradient_clipping
+from gradclip_algo import FoldError, GradientClipper, apply_gradient_clipping
 
 OPTIMIZERS: dict[str, Callable[[list[nn.Parameter]], torch.optim.Optimizer]] = {
     "sgd": lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9, fused=True),
@@ -67,7 +67,7 @@ def assert_same(actual: list[Tensor], expected: list[Tensor], exact: bool) -> No
 
 CASES = [
     pytest.param("norm", 1.5, {}, id="norm"),
-    pytest.param("norm", 1.5, {"norm_type": math.inf}, id="norm-pinf"),
+    pytest.param("norm", 2.5, {"norm_type": math.inf}, id="norm-pinf"),  # a fold needs λ >= 2 for p = inf
     pytest.param("norm", 1.5, {"nonfinite": "skip", "skip_spikes": 3.0, "spike_window": 4}, id="norm-skips"),
     pytest.param(
         "quantile",
@@ -113,8 +113,9 @@ def test_folded_equals_unfolded(
         (plain, plain_skipped), (folded_stats, folded_skipped) = results[False], results[True]
         assert plain_skipped == folded_skipped
         assert plain.folded is False
-        if step > 0 and (folded_skipped or clipping_type in ("norm", "quantile", "zscore")):
-            assert folded_stats.folded, step  # from the second step on, the optimizer has state
+        # the norm factor folds from the first step; skips once the optimizer has state (the second)
+        if clipping_type == "norm" or step > 0:
+            assert folded_stats.folded, step
         skips_folded += folded_skipped and folded_stats.folded
         for name in ("grad_norm", "clipped_grad_norm", "clipped_fraction"):
             torch.testing.assert_close(
@@ -144,7 +145,7 @@ def test_folded_norm_matches_torch_clip_grad_norm() -> None:
         assert stats is not None and stats.folded and stats.coefficient is not None
         assert stats.threshold is not None and float(stats.threshold) == 0.5
         for param, grad in zip(ours.parameters(), unclipped, strict=True):
-            assert torch.equal(param.grad, grad)  # untouched until step()
+            assert torch.equal(param.grad, grad)  # folded: untouched until step()
         norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5)
         torch.testing.assert_close(stats.grad_norm, norm)
         opt_ours.step()
@@ -376,3 +377,229 @@ def test_a_strided_grad_is_not_folded() -> None:
         optimizer.step()
         runs.append(param.detach())
     torch.testing.assert_close(runs[1], runs[0], rtol=0, atol=0)
+
+
+# ---- the loops of the fold-exactness report: each folded run equals the unfolded one, or stops ---------
+
+
+def accumulate(net: nn.Module, step: int) -> None:
+    """A further backward pass: new grads added in place, as autograd accumulates."""
+    gen = torch.Generator().manual_seed(100 + step)
+    for param in net.parameters():
+        new = torch.randn(param.shape, generator=gen)
+        if param.grad is None:
+            param.grad = new
+        else:
+            param.grad.add_(new)
+
+
+def two_clips(first: str, threshold: float) -> Callable[[nn.Module, torch.optim.Optimizer, Any], None]:
+    """A ``first`` clip at ``threshold``, then a norm clip at 0.1, before each step."""
+
+    def loop(net: nn.Module, opt: torch.optim.Optimizer, fold: Any) -> None:
+        for step in range(3):
+            set_grads(net, step)
+            apply_gradient_clipping(net, first, threshold, fold_into=fold)
+            apply_gradient_clipping(net, "norm", 0.1, fold_into=fold)
+            opt.step()
+
+    loop.__name__ = f"{first}_then_norm"
+    return loop
+
+
+def stale_factor(net: nn.Module, opt: torch.optim.Optimizer, fold: Any) -> None:
+    set_grads(net, 0)
+    apply_gradient_clipping(net, "norm", 0.1, fold_into=fold)  # no step follows
+    opt.zero_grad()
+    set_grads(net, 1)
+    opt.step()  # unclipped, as unfolded
+
+
+def foreign_grad_scale(net: nn.Module, opt: torch.optim.Optimizer, fold: Any) -> None:
+    for step in range(3):
+        set_grads(net, step)
+        apply_gradient_clipping(net, "norm", 0.1, fold_into=fold)
+        opt.grad_scale = torch.tensor(2.0)  # set by the user or a wrapper after the clip
+        opt.step()
+        del opt.grad_scale
+
+
+def foreign_found_inf(net: nn.Module, opt: torch.optim.Optimizer, fold: Any) -> None:
+    for step in range(3):
+        set_grads(net, step)
+        apply_gradient_clipping(net, "norm", 0.1, fold_into=fold)
+        opt.found_inf = torch.tensor(0.0)
+        opt.step()
+        del opt.found_inf
+        assert not hasattr(opt, "grad_scale")  # none of ours left behind
+
+
+def second_step_after_skip(net: nn.Module, opt: torch.optim.Optimizer, fold: Any) -> None:
+    clipper = GradientClipper("norm", 0.5, nonfinite="skip", fold_into=fold)
+    for step in range(4):
+        set_grads(net, step, nan=step == 2)
+        clipper(net)
+        opt.step()
+        opt.step()  # stepped twice: skipped again after a skip
+
+
+def state_read_then_skip(net: nn.Module, opt: torch.optim.Optimizer, fold: Any) -> None:
+    clipper = GradientClipper("norm", 0.5, nonfinite="skip", fold_into=fold)
+    params = list(net.parameters())
+    set_grads(net, 0)
+    params[0].grad = None  # params[0] gets no optimizer state on the first step
+    clipper(net)
+    opt.step()
+    opt.state[params[0]]  # a read adds an empty entry
+    set_grads(net, 1, nan=True)
+    clipper(net)
+    opt.step()
+
+
+def float64(net: nn.Module, opt: torch.optim.Optimizer, fold: Any) -> None:
+    net.double()
+    for step in range(3):
+        gen = torch.Generator().manual_seed(step)
+        for param in net.parameters():
+            param.grad = torch.randn(param.shape, generator=gen, dtype=torch.float64)
+        stats = apply_gradient_clipping(net, "norm", 0.1, fold_into=fold)
+        assert stats is not None and not stats.folded  # grad_scale is float32
+        opt.step()
+
+
+def overflowing_factor(net: nn.Module, opt: torch.optim.Optimizer, fold: Any) -> None:
+    set_grads(net, 0)
+    for param in net.parameters():
+        param.grad *= 1e36
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fold's warning: 1/coefficient could overflow float32
+        apply_gradient_clipping(net, "norm", 1e-4, norm_type=math.inf, fold_into=fold)
+    opt.step()
+
+
+class WrappingOptimizer(torch.optim.Optimizer):
+    """An optimizer wrapper in the style of Lightning's ``LightningOptimizer``: it shares the wrapped
+    optimizer's ``__dict__`` (its hooks included) and steps it."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:  # no super().__init__(), as Lightning
+        self.__dict__ = optimizer.__dict__
+        self._wrapped = optimizer
+        self._step_supports_amp_scaling = True
+
+    def step(self, closure: Any = None) -> Any:
+        return self._wrapped.step(closure)
+
+
+def wrapper(net: nn.Module, opt: torch.optim.Optimizer, fold: Any) -> None:
+    wrapped = WrappingOptimizer(opt)
+    clipper = GradientClipper("norm", 0.1, fold_into=wrapped if fold is not None else None)
+    for step in range(3):
+        set_grads(net, step)
+        clipper(net)
+        wrapped.step()
+
+
+def clip_inside_closure(net: nn.Module, opt: torch.optim.Optimizer, fold: Any) -> None:
+    for step in range(3):
+
+        def closure(step: int = step) -> None:
+            set_grads(net, step)
+            GradientClipper("norm", 0.1, fold_into=fold)(net)  # made inside the first step
+
+        opt.step(closure)
+
+
+def step_that_raises(net: nn.Module, opt: torch.optim.Optimizer, fold: Any) -> None:
+    def refuse(*_: Any) -> None:
+        raise KeyboardInterrupt  # after the fold's own pre-hook: its attributes are set
+
+    for step in range(2):
+        set_grads(net, step)
+        apply_gradient_clipping(net, "norm", 0.1, fold_into=fold)
+        handle = opt.register_step_pre_hook(refuse)
+        with pytest.raises(KeyboardInterrupt):
+            opt.step()
+        handle.remove()
+        if step == 0:
+            opt.step()  # the same step again
+        else:
+            apply_gradient_clipping(net, "norm", 0.05, fold_into=fold)  # clipped again, then stepped
+            opt.step()
+
+
+def clip_then_value_clip(net: nn.Module, opt: torch.optim.Optimizer, fold: Any) -> None:
+    set_grads(net, 0)
+    apply_gradient_clipping(net, "norm", 0.1, fold_into=fold)
+    torch.nn.utils.clip_grad_value_(net.parameters(), 0.01)
+    opt.step()
+
+
+def clip_every_microbatch(net: nn.Module, opt: torch.optim.Optimizer, fold: Any) -> None:
+    set_grads(net, 0)
+    apply_gradient_clipping(net, "norm", 0.1, fold_into=fold)
+    accumulate(net, 0)
+    apply_gradient_clipping(net, "norm", 0.1, fold_into=fold)
+    opt.step()
+
+
+def zero_grads_in_place_after_skip(net: nn.Module, opt: torch.optim.Optimizer, fold: Any) -> None:
+    clipper = GradientClipper("norm", 0.5, nonfinite="skip", fold_into=fold)
+    set_grads(net, 0)
+    clipper(net)
+    opt.step()
+    set_grads(net, 1, nan=True)
+    clipper(net)
+    opt.step()  # skipped
+    opt.zero_grad(set_to_none=False)  # unfolded there are no grads to zero
+    accumulate(net, 2)
+    opt.step()
+
+
+EXACT = [
+    two_clips("norm", 0.5),
+    two_clips("value", 0.05),
+    stale_factor,
+    foreign_grad_scale,
+    foreign_found_inf,
+]
+EXACT += [second_step_after_skip, state_read_then_skip, float64, overflowing_factor, wrapper]
+EXACT += [clip_inside_closure, step_that_raises]
+STOPS = [clip_then_value_clip, clip_every_microbatch, zero_grads_in_place_after_skip]
+
+
+def run_loop(
+    loop: Callable[[nn.Module, torch.optim.Optimizer, Any], None], folded: bool
+) -> tuple[list[Tensor], list[Tensor]]:
+    net = model()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, fused=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="fold_into", category=UserWarning)
+        loop(net, optimizer, optimizer if folded else None)
+    assert not hasattr(optimizer, "grad_scale") and not hasattr(optimizer, "found_inf")
+    return [p.detach().clone() for p in net.parameters()], optimizer_state(optimizer)
+
+
+@pytest.mark.parametrize("loop", EXACT, ids=lambda loop: loop.__name__)
+def test_a_users_loop_computes_what_it_computes_unfolded(
+    loop: Callable[[nn.Module, torch.optim.Optimizer, Any], None],
+) -> None:
+    (weights, state), (plain_weights, plain_state) = run_loop(loop, True), run_loop(loop, False)
+    assert all(torch.isfinite(w).all() for w in weights)
+    assert_same(weights, plain_weights, exact=False)
+    assert_same(state, plain_state, exact=False)
+
+
+@pytest.mark.parametrize("loop", STOPS, ids=lambda loop: loop.__name__)
+def test_a_grad_written_after_a_folded_clip_stops_the_step_before_any_change(
+    loop: Callable[[nn.Module, torch.optim.Optimizer, Any], None],
+) -> None:
+    run_loop(loop, False)  # fine unfolded
+    net = model()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, fused=True)
+    snapshots = [[p.detach().clone() for p in net.parameters()]]
+    optimizer.register_step_pre_hook(
+        lambda *_: snapshots.append([p.detach().clone() for p in net.parameters()])
+    )
+    with pytest.raises(FoldError, match=r"fold_into: .*grad of param_groups\[0\]\['params'\]\[0\]"):
+        loop(net, optimizer, optimizer)
+    assert_same([p.detach() for p in net.parameters()], snapshots[-1], exact=True)

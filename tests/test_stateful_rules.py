@@ -295,6 +295,36 @@ def test_state_dict_round_trip_continues_bitwise(clipping_type: str, threshold: 
             assert torch.equal(restored.state_dict()[part][key], value)
 
 
+@pytest.mark.parametrize(
+    ("clipping_type", "options"),
+    [("quantile", {"window": 8}), ("norm", {"skip_spikes": 3.0, "spike_window": 8})],
+    ids=["quantile", "skip_spikes"],
+)
+def test_a_window_not_yet_full_holds_no_nan_and_old_nan_checkpoints_still_load(
+    clipping_type: str, options: dict
+) -> None:
+    """Composer's resumption test compares a state with ``allclose`` without ``equal_nan``: a state must
+    equal its copy before its window is full. Checkpoints written with NaN in the empty slots load."""
+    original = GradientClipper(clipping_type, math.inf if clipping_type == "quantile" else 1.0, **options)
+    params = make_params()
+    for norms in ([1.0, 2.0, 0.5], [0.7, 0.3, 1.1], [2.0, 1.0, 1.0]):
+        set_grads(params, norms)
+        original(params)
+    saved = original.state_dict()
+    for part in saved.values():
+        for value in part.values():
+            assert value.allclose(value.clone(), rtol=0, atol=0)  # no NaN anywhere
+    old = {name: dict(part) for name, part in saved.items()}
+    history = old["rule" if clipping_type == "quantile" else "spikes"]
+    history["norms"] = history["norms"].clone()
+    history["norms"][3:] = math.nan  # 3 norms recorded; the slots after them as they were written before
+    restored = GradientClipper(clipping_type, math.inf if clipping_type == "quantile" else 1.0, **options)
+    restored.load_state_dict(old)
+    for name, part in restored.state_dict().items():
+        for key, value in part.items():
+            assert torch.equal(value, saved[name][key]), (name, key)
+
+
 def test_state_dict_is_a_snapshot_and_empty_for_stateless_types() -> None:
     assert GradientClipper("norm", 1.0).state_dict() == {}
     clipper = GradientClipper("zscore", 1.0)

@@ -101,7 +101,7 @@ def update(shards: Shards, max_norm: float, options: AdaGCOptions, state: dict[s
     # per-tensor values are whole on every rank of a stage: counted once, summed over pipeline stages
     return ClipStats(
         grad_norm=global_norm,
-        clipped_grad_norm=shards.total(clipped_norms.square(), partial=False).sqrt(),
+        clipped_grad_norm=shards.total(clipped_norms.square(), partial=False).sqrt().to(global_norm.dtype),
         clipped_fraction=shards.total(clipped, partial=False)
         / shards.total(torch.ones_like(clipped), partial=False),
     )

@@ -6,6 +6,7 @@ Networks" (arXiv 2007.14469).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 
@@ -13,7 +14,7 @@ import torch
 from torch import Tensor
 
 from gradclip_algo.distributed import Shards
-from gradclip_algo.norm_history import check_history, empty_history, record_
+from gradclip_algo.norm_history import check_history, empty_history, record_, recorded
 from gradclip_algo.options import RuleOptions, option
 from gradclip_algo.rules.norm import to_norm
 from gradclip_algo.stats import ClipStats
@@ -32,7 +33,8 @@ class QuantileOptions(RuleOptions):
 
 
 def init(options: QuantileOptions, device: torch.device | str) -> dict[str, Tensor]:
-    """The last ``window`` finite global norms (NaN where none yet) and how many were recorded."""
+    """The last ``window`` finite global norms and how many were recorded (see
+    :mod:`~gradclip_algo.norm_history`)."""
     return empty_history(options.window, device)
 
 
@@ -54,7 +56,8 @@ def update(shards: Shards, max_norm: float, options: QuantileOptions, state: dic
     """
     norm = shards.global_norm(2.0)
     record_(state, norm)
-    percentile_norm = torch.nanquantile(state["norms"], options.percentile / 100.0)
+    norms = torch.where(recorded(state), state["norms"], math.nan)
+    percentile_norm = torch.nanquantile(norms, options.percentile / 100.0)
     # NaN while no finite norm was ever recorded: then only the ceiling applies
     threshold = torch.nan_to_num(percentile_norm, nan=float("inf")).clamp(max=max_norm)
     return to_norm(norm, threshold)

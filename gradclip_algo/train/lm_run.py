@@ -26,6 +26,7 @@ from torch import Tensor
 
 from gradclip_algo.algorithm import GradClipAlgo
 from gradclip_algo.layer_norms import LayerGradNorms, grad_norms_by_name
+from gradclip_algo.norm_history import recorded
 from gradclip_algo.norms import get_total_norm
 from gradclip_algo.train.lm_model import EVAL_METRIC
 from gradclip_algo.train.loss_spikes import spike_report
@@ -68,10 +69,10 @@ def skip_limit(algorithm: GradClipAlgo, before: dict[str, Tensor] | None) -> Ten
     if clipper.skip_spikes is None or before is None:
         return torch.tensor(math.nan)
     norms = before["norms"].cpu()
-    recorded = norms[torch.isfinite(norms)]
-    if recorded.numel() < max(2, norms.numel() // 2):
+    window = norms[recorded(before).cpu()]
+    if window.numel() < max(2, norms.numel() // 2):
         return torch.tensor(math.nan)
-    return recorded.mean() + clipper.skip_spikes * recorded.std()
+    return window.mean() + clipper.skip_spikes * window.std()
 
 
 class LanguageModelRecorder(Callback):
