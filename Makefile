@@ -20,14 +20,14 @@ $(VENV)/.installed: pyproject.toml
 
 $(CORE_VENV)/.installed: pyproject.toml
 	test -x $(CORE_VENV)/bin/python || $(PYTHON) -m venv $(CORE_VENV)
-	$(CORE_VENV)/bin/pip install -q "$(CORE_TORCH)" "omegaconf>=2.3" "pytest>=8" "hypothesis>=6.100"
+	$(CORE_VENV)/bin/pip install -q "$(CORE_TORCH)" "omegaconf>=2.3" "pytest>=8" "pytest-xdist>=3.5" "hypothesis>=6.100"
 	$(CORE_VENV)/bin/pip install -q --no-deps -e .
 	touch $@
 
 $(LLMFOUNDRY_VENV)/.installed: pyproject.toml
 	test -x $(LLMFOUNDRY_VENV)/bin/python || $(PYTHON) -m venv $(LLMFOUNDRY_VENV)
 	# protobuf<6 (what wandb<0.19 needs): without it pip backtracks through dozens of wandb releases
-	$(LLMFOUNDRY_VENV)/bin/pip install -q "$(LLMFOUNDRY)" "protobuf>=4.25.1,<6" "pytest>=8"
+	$(LLMFOUNDRY_VENV)/bin/pip install -q "$(LLMFOUNDRY)" "protobuf>=4.25.1,<6" "pytest>=8" "pytest-xdist>=3.5"
 	$(LLMFOUNDRY_VENV)/bin/pip install -q --no-deps -e .
 	touch $@
 
