@@ -10,7 +10,10 @@ CORE_TORCH ?= torch==2.13.0
 LLMFOUNDRY_VENV := .venv-llmfoundry
 LLMFOUNDRY ?= llm-foundry==0.22.0
 
-.PHONY: test test-core fuzz lint demo bench gpu-check spikes clean llmfoundry-check wheel-check
+# The documentation site (mkdocs-material; the API pages are read from the source, so no torch is needed).
+DOCS_VENV := .venv-docs
+
+.PHONY: test test-core fuzz lint demo bench gpu-check spikes clean llmfoundry-check wheel-check docs
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +32,12 @@ $(LLMFOUNDRY_VENV)/.installed: pyproject.toml
 	# protobuf<6 (what wandb<0.19 needs): without it pip backtracks through dozens of wandb releases
 	$(LLMFOUNDRY_VENV)/bin/pip install -q "$(LLMFOUNDRY)" "protobuf>=4.25.1,<6" "pytest>=8" "pytest-xdist>=3.5"
 	$(LLMFOUNDRY_VENV)/bin/pip install -q --no-deps -e .
+	touch $@
+
+$(DOCS_VENV)/.installed: pyproject.toml
+	test -x $(DOCS_VENV)/bin/python || $(PYTHON) -m venv $(DOCS_VENV)
+	$(DOCS_VENV)/bin/pip install -q "mkdocs-material" "mkdocstrings[python]"
+	$(DOCS_VENV)/bin/pip install -q --no-deps -e .
 	touch $@
 
 lint: $(VENV)/.installed
@@ -79,5 +88,9 @@ llmfoundry-check: $(LLMFOUNDRY_VENV)/.installed
 wheel-check: $(CORE_VENV)/.installed
 	$(CORE_VENV)/bin/python -m pytest -q -m wheel tests/test_wheel.py
 
+# The documentation site into site/; broken links and references fail the build.
+docs: $(DOCS_VENV)/.installed
+	$(DOCS_VENV)/bin/mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) $(CORE_VENV) $(LLMFOUNDRY_VENV) runs .pytest_cache .ruff_cache build dist
+	rm -rf $(VENV) $(CORE_VENV) $(LLMFOUNDRY_VENV) $(DOCS_VENV) site runs .pytest_cache .ruff_cache build dist
