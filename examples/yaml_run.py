@@ -2,7 +2,7 @@
 
     python examples/yaml_run.py [CONFIG] [key=value ...]
 
-With no arguments it trains the shipped config ``demo_clipped`` (``gradclip_algo/configs/demo_clipped.yaml``)
+With no arguments it trains the shipped config ``demo_clipped`` (``configs/demo_clipped.yaml``)
 for 300 steps (the same thing as ``gradclip-train demo_clipped max_duration=300ba``), printing the block it
 built and the run's summary. Overrides use omegaconf's dot-list syntax, e.g.
 ``algorithms.gradclip_algo.clipping_threshold=1.0``.

@@ -9,7 +9,7 @@ The block is read as llm-foundry reads it, with this package's registry name as 
 
 In llm-foundry the key ``gradient_clipping`` builds Composer's own ``GradientClipping``, so it is refused
 here, with a message that names the key to write instead. The presets shipped in
-``gradclip_algo/presets/`` are such blocks; ``build_algorithms("ctrl_norm_0.25")`` takes one by name.
+``configs/presets/`` are such blocks; ``build_algorithms("ctrl_norm_0.25")`` takes one by name.
 """
 
 from __future__ import annotations
@@ -64,8 +64,8 @@ def required_fields() -> tuple[str, ...]:
 
 
 def presets() -> tuple[str, ...]:
-    """The names of the presets shipped in ``gradclip_algo/presets/`` (file names without ``.yaml``)."""
-    folder = resources.files("gradclip_algo") / "presets"
+    """The names of the presets shipped in ``configs/presets/`` (file names without ``.yaml``)."""
+    folder = resources.files("gradclip_algo.configs") / "presets"
     return tuple(
         sorted(item.name[: -len(".yaml")] for item in folder.iterdir() if item.name.endswith(".yaml"))
     )
@@ -80,7 +80,7 @@ def preset_path(name: str) -> Path:
     stem = name[: -len(".yaml")] if name.endswith(".yaml") else name
     if stem not in presets():
         raise ValueError(f"{name}: no such file or preset; presets: {', '.join(presets())}")
-    with resources.as_file(resources.files("gradclip_algo") / "presets" / f"{stem}.yaml") as path:
+    with resources.as_file(resources.files("gradclip_algo.configs") / "presets" / f"{stem}.yaml") as path:
         return Path(path)
 
 

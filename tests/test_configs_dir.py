@@ -1,4 +1,4 @@
-"""Every YAML file shipped in the package (presets/, configs/) and any under the repository's configs/:
+"""Every YAML file under the repository's configs/ (the run configs and presets/, shipped with the package):
 presets build; training configs parse and their block builds; every block uses the registry name."""
 
 from __future__ import annotations
@@ -19,16 +19,13 @@ from gradclip_algo import GradClipAlgo  # noqa: E402
 from gradclip_algo.config import build_algorithms  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGE = ROOT / "gradclip_algo"
 YAML_FILES = sorted(
     [
-        *PACKAGE.glob("presets/*.yaml"),
-        *PACKAGE.glob("configs/*.yaml"),
         *(ROOT / "configs").rglob("*.yaml"),
         *(ROOT / "configs").rglob("*.yml"),
     ]
 )
-PRESETS = sorted((PACKAGE / "presets").glob("*.yaml"))
+PRESETS = sorted((ROOT / "configs" / "presets").glob("*.yaml"))
 # file names carry the setting: <source>_<type>_<threshold>.yaml, or agc_<threshold>_<batch>.yaml
 PRESET_NAME = re.compile(r"_(?P<type>norm|value)_(?P<threshold>[0-9.]+)$|^agc_(?P<agc>[0-9.]+)_")
 

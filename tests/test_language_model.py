@@ -15,7 +15,7 @@ from gradclip_algo.train.language_model import ByteTransformer
 from gradclip_algo.train.loss_spikes import count_episodes, spike_report, spike_steps
 from gradclip_algo.train.text_data import ByteWindows, pydoc_topics_bytes, train_and_eval_windows
 
-CONFIGS = Path(__file__).resolve().parents[1] / "gradclip_algo" / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY_LM = [
     "max_duration=6ba",
     "model.d_model=16",

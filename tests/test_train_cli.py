@@ -19,7 +19,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from gradclip_algo.train.cli import main  # noqa: E402
 from gradclip_algo.train.demo import main as demo_main  # noqa: E402
 
-CONFIGS = Path(__file__).resolve().parents[1] / "gradclip_algo" / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY = ["max_duration=30ba", "task.train_samples=2000", "task.eval_samples=100", "task.batch_size=32"]
 
 

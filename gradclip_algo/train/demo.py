@@ -22,7 +22,7 @@ from gradclip_algo.train.run_config import RunConfigError, load_run_config
 from gradclip_algo.train.shipped import resolve_config
 
 PROG = "gradclip_algo.train.demo"
-DEMO_CONFIGS = ("demo_unclipped", "demo_clipped")  # shipped in gradclip_algo/configs/
+DEMO_CONFIGS = ("demo_unclipped", "demo_clipped")  # shipped in configs/
 COMPARISON_FILE = "comparison.png"
 
 

@@ -38,7 +38,7 @@ from gradclip_algo.train.run_config import LanguageModelTaskConfig, RunConfig, R
 from gradclip_algo.train.shipped import resolve_config
 
 PROG = "gradclip_algo.train.demo_lm"
-DEMO_CONFIG = "demo_lm"  # shipped in gradclip_algo/configs/
+DEMO_CONFIG = "demo_lm"  # shipped in configs/
 SEEDS = (0, 1, 2)
 CALIBRATION_STEPS = 100
 FIXED_THRESHOLD = 1.0

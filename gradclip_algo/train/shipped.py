@@ -1,4 +1,4 @@
-"""The run configs shipped inside the package (``gradclip_algo/configs/``), usable from any directory.
+"""The run configs shipped with the package (the repository's ``configs/``, installed as ``gradclip_algo.configs``), usable from any directory.
 
 A command's ``CONFIG`` argument is a path, or the name of a shipped config: ``demo_clipped`` (or
 ``demo_clipped.yaml``) when no such file exists where the command runs.
@@ -14,7 +14,7 @@ from gradclip_algo.train.run_config import RunConfigError
 
 def shipped_configs() -> tuple[str, ...]:
     """The names of the shipped run configs (file names without ``.yaml``)."""
-    folder = resources.files("gradclip_algo") / "configs"
+    folder = resources.files("gradclip_algo.configs")
     return tuple(
         sorted(item.name[: -len(".yaml")] for item in folder.iterdir() if item.name.endswith(".yaml"))
     )
@@ -27,7 +27,7 @@ def shipped_config(name: str) -> Path:
         raise RunConfigError(
             f"{name}: no shipped config of that name; shipped: {', '.join(shipped_configs())}"
         )
-    with resources.as_file(resources.files("gradclip_algo") / "configs" / f"{stem}.yaml") as path:
+    with resources.as_file(resources.files("gradclip_algo.configs") / f"{stem}.yaml") as path:
         return Path(path)
 
 
