@@ -6,11 +6,10 @@ Its class name differs from Composer's own ``GradientClipping``: Composer keys c
 
 from __future__ import annotations
 
-import difflib
 import logging
 import math
 import warnings
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -27,6 +26,7 @@ except ModuleNotFoundError as err:
 
 from gradclip_algo.clipper import GradientClipper
 from gradclip_algo.folding import prepare_folding, supports_folding
+from gradclip_algo.keys import NAME, REQUIRED, check_keys
 from gradclip_algo.layer_norms import LayerGradNorms, grad_norms_by_name, norm_metrics
 from gradclip_algo.nonfinite import NonFiniteGradError
 from gradclip_algo.rules import RULES
@@ -36,50 +36,7 @@ from gradclip_algo.validation import check_bool, check_int
 METRIC_PREFIX = "gradient_clipping"
 COUNTERS = ("steps_since_log", "clipped_steps", "skipped_steps")
 """The logging counters a checkpoint holds beside the clipper's statistics."""
-NAME = "GradClipAlgo"
 log = logging.getLogger(__name__)
-
-
-class _Required:
-    """The default of a required argument, so that a missing one gets a message of our own (llm-foundry
-    calls ``GradClipAlgo(**cfg)``, and Python's own message names neither a near-miss key nor the class)."""
-
-    def __repr__(self) -> str:
-        return "<required>"
-
-
-REQUIRED: Any = _Required()
-"""Default of ``clipping_type`` and ``clipping_threshold``: constructing without them raises ``TypeError``."""
-
-
-def _closest(key: str, allowed: Collection[str]) -> str | None:
-    matches = difflib.get_close_matches(key, list(allowed), n=1, cutoff=0.6)
-    return matches[0] if matches else None
-
-
-def check_keys(given: Collection[str], missing: Collection[str]) -> None:
-    """``TypeError`` naming an unknown key (with the closest allowed one) or a missing required key (with the
-    unknown key that was probably meant for it); every allowed key is listed."""
-    from gradclip_algo.config import allowed_fields  # config imports this module
-
-    allowed = allowed_fields()
-    listing = f"allowed keys: {', '.join(allowed)}"
-    unknown = [str(key) for key in given if key not in allowed]
-    for name in missing:
-        near = [key for key in unknown if _closest(key, [name]) == name]
-        if near:
-            raise TypeError(
-                f"{NAME}: missing required key {name!r}; got {near[0]!r}, which is not a key: did you mean "
-                f"{name!r}? {listing}"
-            )
-    if missing:
-        raise TypeError(f"{NAME}: missing required key(s) {', '.join(map(repr, missing))}; {listing}")
-    if unknown:
-        hints = []
-        for key in unknown:
-            closest = _closest(key, allowed)
-            hints.append(f"{key!r}" + (f" (did you mean {closest!r}?)" if closest else ""))
-        raise TypeError(f"{NAME}: unknown key(s) {', '.join(hints)}; {listing}")
 
 
 def _threshold_hint(clipping_type: Any, value: Any) -> str:

@@ -14,7 +14,6 @@ here, with a message that names the key to write instead. The presets shipped in
 
 from __future__ import annotations
 
-import inspect
 import os
 import sys
 from collections.abc import Mapping
@@ -22,10 +21,9 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
-from gradclip_algo.algorithm import NAME, REQUIRED, GradClipAlgo
-from gradclip_algo.clipper import COMMON_OPTIONS
+from gradclip_algo.algorithm import GradClipAlgo
 from gradclip_algo.extras import missing_extra
-from gradclip_algo.rules import option_names
+from gradclip_algo.keys import NAME
 
 if TYPE_CHECKING:
     from composer.core import Algorithm
@@ -41,26 +39,6 @@ COMPOSER_NAME = "gradient_clipping"
 """llm-foundry's name of Composer's own ``GradientClipping``: refused, with a hint."""
 
 Config: TypeAlias = "Mapping[str, Any] | DictConfig | str | os.PathLike[str] | None"
-
-
-def _parameters() -> list[inspect.Parameter]:
-    """``GradClipAlgo``'s named parameters (not ``**options``)."""
-    return [
-        param
-        for param in inspect.signature(GradClipAlgo).parameters.values()
-        if param.kind is not inspect.Parameter.VAR_KEYWORD
-    ]
-
-
-def allowed_fields() -> tuple[str, ...]:
-    """Every key a ``gradclip_algo`` entry may hold: the algorithm's own arguments, every rule's
-    options (clipping types added to ``RULES`` are covered) and the options common to all rules."""
-    return (*(param.name for param in _parameters()), *sorted({*option_names(), *COMMON_OPTIONS}))
-
-
-def required_fields() -> tuple[str, ...]:
-    """The keys without a default: ``clipping_type`` and ``clipping_threshold``."""
-    return tuple(param.name for param in _parameters() if param.default is REQUIRED)
 
 
 def presets() -> tuple[str, ...]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
@@ -18,11 +19,11 @@ from gradclip_algo import GradClipAlgo  # noqa: E402
 from gradclip_algo.clipper import COMMON_OPTIONS  # noqa: E402
 from gradclip_algo.config import (  # noqa: E402
     ALGORITHM_NAMES,
-    allowed_fields,
     build_algorithms,
     preset_path,
     presets,
 )
+from gradclip_algo.keys import ALGORITHM_KEYS, allowed_fields  # noqa: E402
 from gradclip_algo.rules import RULES  # noqa: E402
 
 SETTINGS = {"clipping_type": "norm", "clipping_threshold": 1.0}
@@ -95,6 +96,11 @@ def test_dotlist_and_cli_overrides_change_the_threshold(tmp_path: Path) -> None:
     (from_cli,) = build_algorithms(OmegaConf.merge(base, cli))
     assert from_cli.clipper.clipping_threshold == pytest.approx(0.2)
     assert build_algorithms(base)[0].clipper.clipping_threshold == 1.0
+
+
+def test_the_key_schema_lists_the_algorithms_own_arguments() -> None:
+    parameters = inspect.signature(GradClipAlgo).parameters.values()
+    assert tuple(p.name for p in parameters if p.kind is not inspect.Parameter.VAR_KEYWORD) == ALGORITHM_KEYS
 
 
 def test_every_rule_option_is_an_allowed_key() -> None:
