@@ -14,9 +14,10 @@ import sys
 from collections.abc import Sequence
 
 from gradclip_algo import build_algorithms
-from gradclip_algo.train.run import RunResult, train
+from gradclip_algo.train.run import RunResult
 from gradclip_algo.train.run_config import load_run_config
 from gradclip_algo.train.shipped import resolve_config
+from gradclip_algo.train.training import train
 
 DEFAULT = ("demo_clipped", "max_duration=300ba")
 

@@ -17,8 +17,8 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from gradclip_algo import GradClipAlgo, build_algorithms  # noqa: E402
-from gradclip_algo.calibrate import main  # noqa: E402
 from gradclip_algo.clipper import GradientClipper  # noqa: E402
+from gradclip_algo.train.calibrate import main  # noqa: E402
 from gradclip_algo.train.calibration import CalibrationError, Measurements, recommend  # noqa: E402
 
 TYPES = ("norm", "value", "adaptive", "quantile", "zscore", "adagc")

@@ -17,9 +17,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from gradclip_algo.train.plot import PlotSeries, plot_runs
-from gradclip_algo.train.run import RunResult, build_parts, create_run_folder, train
+from gradclip_algo.train.run import RunResult, build_parts, create_run_folder
 from gradclip_algo.train.run_config import RunConfigError, load_run_config
 from gradclip_algo.train.shipped import resolve_config
+from gradclip_algo.train.training import train
 
 PROG = "gradclip_algo.train.demo"
 DEMO_CONFIGS = ("demo_unclipped", "demo_clipped")  # shipped in configs/

@@ -33,9 +33,10 @@ import yaml
 
 from gradclip_algo.train.calibration import Recommendation, measure, plot_calibration, recommend
 from gradclip_algo.train.lm_run import LanguageModelResult
-from gradclip_algo.train.run import build_parts, create_run_folder, train
+from gradclip_algo.train.run import build_parts, create_run_folder
 from gradclip_algo.train.run_config import LanguageModelTaskConfig, RunConfig, RunConfigError, load_run_config
 from gradclip_algo.train.shipped import resolve_config
+from gradclip_algo.train.training import train
 
 PROG = "gradclip_algo.train.demo_lm"
 DEMO_CONFIG = "demo_lm"  # shipped in configs/

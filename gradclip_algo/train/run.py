@@ -7,35 +7,29 @@ folder exists, so a bad config leaves nothing behind.
 from __future__ import annotations
 
 import itertools
-import json
 import math
-import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from composer import Trainer
-from composer.core import Algorithm, Callback, State
-from composer.loggers import Logger
+from composer.core import Algorithm, Callback
 from composer.models import ComposerModel
 from composer.utils import dist, reproducibility
-from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from gradclip_algo.algorithm import GradClipAlgo
 from gradclip_algo.config import build_algorithms
 from gradclip_algo.train.adding_problem import train_and_eval_sets
 from gradclip_algo.train.lm_model import LanguageModel
-from gradclip_algo.train.metrics import RunSummary, StepMetricsRecorder, StepRecord, summarize
+from gradclip_algo.train.metrics import RunSummary, StepRecord
 from gradclip_algo.train.model import AddingProblemModel
-from gradclip_algo.train.plot import PlotSeries, plot_runs
 from gradclip_algo.train.run_config import (
     LanguageModelTaskConfig,
     RunConfig,
     RunConfigError,
     TransformerConfig,
-    to_dict,
 )
 from gradclip_algo.train.text_data import train_and_eval_windows
 
@@ -153,31 +147,6 @@ def create_run_folder(parent: Path, name: str) -> Path:
     raise AssertionError("unreachable")
 
 
-class ProgressLines(Callback):
-    """One line on stderr every ``every`` optimizer steps (and after the last one): step, duration, loss.
-
-    Used instead of Composer's progress bar when stderr is not a terminal (a log file, a pipe), where the
-    bar's redraws would become thousands of lines.
-    """
-
-    def __init__(self, every: int, name: str) -> None:
-        self.every = every
-        self.name = name
-
-    def batch_end(self, state: State, logger: Logger) -> None:
-        step = state.timestamp.batch.value
-        last = state.max_duration is not None and state.timestamp >= state.max_duration  # type: ignore[operator]
-        if step % self.every == 0 or last:
-            loss = state.loss
-            total = sum(loss.values()) if isinstance(loss, dict) else loss
-            value = float(total) if isinstance(total, torch.Tensor) else float("nan")
-            print(
-                f"{self.name}: step {step} of {state.max_duration}, loss {value:.4g}",
-                file=sys.stderr,
-                flush=True,
-            )
-
-
 def describe_clipping(algorithms: list[Algorithm]) -> tuple[str, float | None]:
     """``('norm λ=0.5', 0.5)`` for norm clipping, ``('value λ=1', None)`` for other rules, ``('none', None)``."""
     for algorithm in algorithms:
@@ -223,52 +192,3 @@ def make_trainer(
         **evaluation,
         **options,
     )
-
-
-def train(
-    config: RunConfig,
-    parts: RunParts | None = None,
-    *,
-    progress_bar: bool | None = None,
-    progress_every: int = 100,
-) -> RunResult:
-    """Train the run of ``config`` and fill a new run folder.
-
-    The folder gets ``config.yaml`` (the config with every default filled in), ``metrics.csv`` (one row per
-    optimizer step, written as training goes), ``summary.json`` and ``metrics.png``.
-
-    Args:
-        parts: what :func:`build_parts` made of ``config``, for a caller that checked several configs
-            before training any; built here when not given.
-        progress_bar: Composer's progress bar; by default on when stderr is a terminal. Without it, one
-            line every ``progress_every`` steps goes to stderr.
-
-    Raises:
-        RunConfigError: before any folder is made, if ``parts`` is not given and the config is rejected.
-    """
-    if parts is None:
-        parts = build_parts(config)
-    if isinstance(config.task, LanguageModelTaskConfig):
-        from gradclip_algo.train.lm_run import train_language_model  # it builds on this module
-
-        return train_language_model(config, parts, progress_bar=progress_bar)
-    folder = create_run_folder(Path(config.run_folder), config.run_name)
-    print(f"run folder: {folder}", flush=True)
-    OmegaConf.save(OmegaConf.create(to_dict(config)), folder / CONFIG_FILE)
-    recorder = StepMetricsRecorder(folder / METRICS_FILE)
-    if progress_bar is None:
-        progress_bar = sys.stderr.isatty()
-    callbacks: list[Callback] = [recorder]
-    if not progress_bar:
-        callbacks.append(ProgressLines(progress_every, folder.name))
-    trainer = make_trainer(config, parts, callbacks, run_name=folder.name, progress_bar=progress_bar)
-    trainer.fit()
-    eval_mse = float(trainer.state.eval_metric_values["MeanSquaredError"])
-    trainer.close()
-    clipping, threshold = describe_clipping(parts.algorithms)
-    summary = summarize(recorder.records, eval_mse)
-    with (folder / SUMMARY_FILE).open("w") as file:
-        values = {name: _json_number(value) for name, value in asdict(summary).items()}
-        json.dump({"clipping": clipping, **values}, file, indent=2)
-    plot_runs([PlotSeries(folder.name, recorder.records, threshold)], folder / PLOT_FILE, f"{folder.name}")
-    return RunResult(folder, recorder.records, summary, clipping, threshold)
