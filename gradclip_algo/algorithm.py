@@ -180,17 +180,23 @@ class GradClipAlgo(Algorithm):
             # the step hooks go in before the first step, whose closure runs the first clip
             if self._fold_targets(state, state.precision == Precision.AMP_FP16):
                 prepare_folding(state.optimizers)
-            return
-        if event == Event.BATCH_END:
-            # The timestamp now counts the batch just trained, as Composer's console_log_interval and
-            # OptimizerMonitor read it: batches k, 2k, ... are logged, with the same step numbers.
-            if self._pending is not None and state.timestamp.batch.value % self.log_interval == 0:
-                logger.log_metrics(self._metrics(self._pending))
-                if self._pending_layer_norms is not None:
-                    logger.log_metrics(self._layer_norm_metrics(self._pending_layer_norms))
-                self._reset_counters()
-            self._pending = self._pending_layer_norms = None
-            return
+        elif event == Event.BATCH_END:
+            self._log_pending(state, logger)
+        else:
+            self._clip_step(state)
+
+    def _log_pending(self, state: State, logger: Logger) -> None:
+        """BATCH_END: the timestamp now counts the batch just trained, as Composer's console_log_interval
+        and OptimizerMonitor read it: batches k, 2k, ... are logged, with the same step numbers."""
+        if self._pending is not None and state.timestamp.batch.value % self.log_interval == 0:
+            logger.log_metrics(self._metrics(self._pending))
+            if self._pending_layer_norms is not None:
+                logger.log_metrics(self._layer_norm_metrics(self._pending_layer_norms))
+            self._reset_counters()
+        self._pending = self._pending_layer_norms = None
+
+    def _clip_step(self, state: State) -> None:
+        """AFTER_TRAIN_BATCH: clip, and keep the stats (and layer norms) for BATCH_END to log."""
         batch = state.timestamp.batch.value
         fp16 = state.precision == Precision.AMP_FP16
         self._set_nonfinite_mode(fp16)
@@ -203,6 +209,12 @@ class GradClipAlgo(Algorithm):
             raise NonFiniteGradError(f"batch {batch}: {err}", err.param_name) from err
         assert stats is not None  # with_stats is never False here
         self.last_stats = stats
+        self._count(stats, fp16)
+        self._pending = stats
+        self._pending_layer_norms = layer_norms
+
+    def _count(self, stats: ClipStats, fp16: bool) -> None:
+        """Add a step to the logging counters, on the device (no host sync)."""
         self._steps_since_log += 1
         self._clipped_steps = self._clipped_steps + (stats.clipped_fraction > 0).to(torch.int64)
         if isinstance(stats.skipped, Tensor):  # folded into the optimizers' found_inf
@@ -211,8 +223,6 @@ class GradClipAlgo(Algorithm):
             self._skipped_steps = self._skipped_steps + 1
         elif fp16:  # the GradScaler skips the step when a grad is inf or NaN
             self._skipped_steps = self._skipped_steps + (~torch.isfinite(stats.grad_norm)).to(torch.int64)
-        self._pending = stats
-        self._pending_layer_norms = layer_norms
 
     def _fold_targets(self, state: State, fp16: bool) -> tuple[Optimizer, ...]:
         """The optimizers to fold into: all of the Trainer's where folding is exact (see the class
@@ -312,21 +322,7 @@ class GradClipAlgo(Algorithm):
                 stacklevel=2,
             )
             return
-        counters = {}
-        for key in COUNTERS:
-            if key not in state:
-                expected = ", ".join(("clipper", *COUNTERS))
-                raise ValueError(f"{NAME}: state: missing key {key!r}; expected {expected}")
-            value = state[key]
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{NAME}: state.{key}: expected an integer >= 0, got {value!r}")
-            counters[key] = value
-        for key in ("clipped_steps", "skipped_steps"):
-            if counters[key] > counters["steps_since_log"]:
-                raise ValueError(
-                    f"{NAME}: state.{key}: {counters[key]} is more than the {counters['steps_since_log']} "
-                    "steps since the last log (state.steps_since_log)"
-                )
+        counters = _checked_counters(state)
         try:
             self.clipper.load_state_dict(state["clipper"])
         except ValueError as err:
@@ -346,3 +342,24 @@ class GradClipAlgo(Algorithm):
             + (", stats_every_step=True" if self.stats_every_step else "")
             + f"{options})"
         )
+
+
+def _checked_counters(state: Mapping[str, Any]) -> dict[str, int]:
+    """The :data:`COUNTERS` of ``state``, each an integer >= 0, with no more clipped or skipped steps than
+    steps since the last log; ``ValueError`` naming the key otherwise."""
+    counters = {}
+    for key in COUNTERS:
+        if key not in state:
+            expected = ", ".join(("clipper", *COUNTERS))
+            raise ValueError(f"{NAME}: state: missing key {key!r}; expected {expected}")
+        value = state[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{NAME}: state.{key}: expected an integer >= 0, got {value!r}")
+        counters[key] = value
+    for key in ("clipped_steps", "skipped_steps"):
+        if counters[key] > counters["steps_since_log"]:
+            raise ValueError(
+                f"{NAME}: state.{key}: {counters[key]} is more than the {counters['steps_since_log']} "
+                "steps since the last log (state.steps_since_log)"
+            )
+    return counters

@@ -1,20 +1,23 @@
 """``GradientClipper``: a validated clipping set-up, with the statistics of stateful rules.
 
-A call runs four steps, each wrapping the rule rather than living inside it:
+A call is a pipeline of five stages, each wrapping the rule rather than living inside it:
 
 1. collect the parameters with grads, less the excluded ones (:mod:`gradclip_algo.parameters`);
 2. handle non-finite grads (:mod:`gradclip_algo.nonfinite`);
 3. skip a step whose norm spikes (:mod:`gradclip_algo.spikes`);
-4. run the rule (:mod:`gradclip_algo.rules`).
+4. run the rule (:mod:`gradclip_algo.rules`);
+5. scale the grads by the rule's factor, or fold it into the optimizers' next step
+   (:mod:`gradclip_algo.folding`).
 
-The global norm is computed at most once per norm type and shared by steps 2 to 4.
+Stages 2 and 3 may end the call with a skipped step. The global norm is computed at most once per norm
+type and shared by stages 2 to 4.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -22,26 +25,22 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from gradclip_algo.caller import warn_at_caller
+from gradclip_algo.device_state import move_to_, update_unless_
 from gradclip_algo.distributed import Shards, check_process_group, local_shards
 from gradclip_algo.folding import (
     FoldPlan,
     Optimizers,
     check_fold_into,
     factor_is_foldable,
-    hand_to_step,
     prepare_folding,
+    scale_or_fold,
     settle_pending,
 )
-from gradclip_algo.nonfinite import NONFINITE_MODES, any_rank, nonfinite_error, zero_nonfinite_
+from gradclip_algo.nonfinite import NONFINITE_MODES, check_nonfinite_, nonfinite_error
 from gradclip_algo.norm_history import check_history
-from gradclip_algo.norms import scale_grads_
 from gradclip_algo.parameters import Exclusion, Named, Parameters, collect, with_grads
 from gradclip_algo.rules import CLIPPING_TYPES, RULES, State
-from gradclip_algo.spikes import (
-    SPIKE_WINDOW,
-    init_spike_state,
-    is_spike_,
-)
+from gradclip_algo.spikes import SPIKE_WINDOW, init_spike_state, judge_spike_
 from gradclip_algo.stats import ClipStats
 from gradclip_algo.validation import (
     check_bool,
@@ -168,50 +167,50 @@ class GradientClipper:
         if with_stats != "clipped" and not isinstance(with_stats, bool):
             raise ValueError(f"with_stats: expected true, false or 'clipped', got {with_stats!r}")
         optimizers = self.fold_into if fold_into is None else check_fold_into("fold_into", fold_into)
+        found = self._collect(parameters)
+        # a sharded rank without grads still joins reductions
+        if not found.shards.grads and found.shards.group is None:
+            return ClipStats.empty() if with_stats else None
+        plan = self._plan(optimizers, found)
+        # a skip decided on the device (for the optimizers' found_inf), or the stats of a step skipped here
+        skip = self._check_nonfinite(found, plan)
+        if self.skip_spikes is not None and not isinstance(skip, ClipStats):
+            skip = self._judge_spike(found, plan, skip)
+        if isinstance(skip, ClipStats):
+            return skip
+        stats = self._clip(found.shards, with_stats, skip)
+        coefficient = None if stats is None else stats.coefficient
+        params = [param for _, param in (found.everything if skip is not None else found.selected)]
+        folded = scale_or_fold(optimizers, plan, params, found.shards.grads, coefficient, skip)
+        if stats is None or not with_stats:
+            return None
+        stats = replace(stats, folded=folded)
+        return stats if skip is None else stats.skipped_where(skip)
+
+    def _collect(self, parameters: Parameters) -> _Collected:
+        """The first stage: the tensors of ``parameters``, those whose grads get clipped, and their shards.
+        A fold of these grads still waiting for its step is applied first, as unfolded."""
         module = parameters if isinstance(parameters, nn.Module) else None
         everything = collect(parameters, names=self.exclusion is not None)
-        # a fold of these grads still waiting for its step is applied first, as unfolded
         settle_pending([param for _, param in everything])
         selected, grads = with_grads(everything, self.exclusion, module)
         if not self._warned and (self.exclusion is not None or not selected):
             self._warn_about(everything, selected)
         shards = local_shards([param for _, param in selected], module, grads, self.process_group)
-        if not shards.grads and shards.group is None:  # a sharded rank without grads still joins reductions
-            return ClipStats.empty() if with_stats else None
-        plan = self._plan(optimizers, everything, selected, shards)
-        skip: Tensor | None = None  # a skip decided on the device, for the optimizers' found_inf
-        if self.nonfinite == "zero":
-            zero_nonfinite_(shards.grads)
-        elif self.nonfinite in ("error", "skip"):
-            norm = shards.global_norm(self.options.stats_norm_type)
-            nonfinite = any_rank(~torch.isfinite(norm))
-            if self.nonfinite == "skip" and plan.skip:
-                skip = nonfinite
-            elif bool(nonfinite):  # the host sync these modes need unless folded
-                if self.nonfinite == "error":
-                    raise self._nonfinite_error(selected, grads, module, norm)
-                return _skip_step(everything, norm)
-        if self.skip_spikes is not None:
-            judged = self._judge_spike(shards, everything, plan, skip)
-            if isinstance(judged, ClipStats):
-                return judged
-            skip = judged
-        stats = self._clip(shards, with_stats, skip)
-        coefficient = None if stats is None else stats.coefficient
-        if coefficient is not None and not plan.factor:
-            scale_grads_(shards.grads, coefficient)
-        if optimizers:
-            folded = coefficient if plan.factor else None
-            params = everything if skip is not None else selected
-            hand_to_step(optimizers, [param for _, param in params], folded, skip)
-        if stats is None or not with_stats:
-            return None
-        stats = replace(stats, folded=(plan.factor and coefficient is not None) or skip is not None)
-        return stats if skip is None else stats.skipped_where(skip)
+        return _Collected(module, everything, selected, grads, shards)
 
-    def _plan(
-        self, optimizers: Optimizers, everything: list[Named], selected: list[Named], shards: Shards
-    ) -> FoldPlan:
+    def _check_nonfinite(self, found: _Collected, plan: FoldPlan) -> Tensor | ClipStats | None:
+        """The non-finite stage (:func:`~gradclip_algo.nonfinite.check_nonfinite_`): the skip flag for the
+        optimizers where the plan folds skips, else ``None``, or the stats of a step skipped here; raises
+        :class:`~gradclip_algo.nonfinite.NonFiniteGradError` for ``nonfinite='error'``."""
+        check = check_nonfinite_(self.nonfinite, found.shards, self.options.stats_norm_type, plan.skip)
+        if check.stop is None:
+            return check.skip
+        if self.nonfinite == "error":
+            raise self._nonfinite_error(found.selected, found.grads, found.module, check.stop)
+        return _skip_step(found.everything, check.stop)
+
+    def _plan(self, optimizers: Optimizers, found: _Collected) -> FoldPlan:
         """What this call folds into ``optimizers`` (see :class:`~gradclip_algo.folding.FoldPlan`); a skip of
         a stateful rule only once its state exists. Warns once when the clipper's own ``fold_into`` cannot
         be folded into."""
@@ -219,9 +218,9 @@ class GradientClipper:
             return FoldPlan()
         plan = FoldPlan.make(
             optimizers,
-            [param for _, param in selected],
-            [param for _, param in everything if param.grad is not None],
-            local=shards.layout == "local",
+            [param for _, param in found.selected],
+            [param for _, param in found.everything if param.grad is not None],
+            local=found.shards.layout == "local",
             factor_why_not=self.factor_why_not,
         )
         if plan.skip and self.rule.init is not None and self.state is None:
@@ -251,24 +250,22 @@ class GradientClipper:
         return ""
 
     def _judge_spike(
-        self, shards: Shards, everything: list[Named], plan: FoldPlan, skip: Tensor | None
+        self, found: _Collected, plan: FoldPlan, skip: Tensor | None
     ) -> Tensor | ClipStats | None:
         """Judge the global L2 norm against the spike window. Returns the skip flag for the optimizers
         where the plan folds skips, else the stats of a step skipped here (one host sync), or ``skip``.
 
         A step already skipped for non-finite grads is not judged: the window stays as it was."""
+        shards = found.shards
         if self.spike_state is None:
             self.spike_state = init_spike_state(shards.device, self.spike_window)
-        _move_to_(self.spike_state, shards.device)
+        move_to_(self.spike_state, shards.device)
         norm = shards.global_norm(2.0)
-        window = None if skip is None else _copy(self.spike_state)
-        spike = is_spike_(norm, self.spike_state, self.skip_spikes)
-        if window is not None and skip is not None:
-            _keep_where_(self.spike_state, window, skip)
+        spike = judge_spike_(norm, self.spike_state, self.skip_spikes, skip)
         if plan.skip:
             return spike if skip is None else skip | spike
         if bool(spike):  # the host sync skipping needs unless folded
-            return _skip_step(everything, norm)
+            return _skip_step(found.everything, norm)
         return skip
 
     def _clip(
@@ -284,15 +281,15 @@ class GradientClipper:
             return None
         if self.rule.clip is not None:
             return self.rule.clip(shards, self.clipping_threshold, self.options)
-        assert self.rule.init is not None and self.rule.update is not None
+        init, update = self.rule.init, self.rule.update
+        assert init is not None and update is not None
         if self.state is None:
-            self.state = self.rule.init(self.options, shards.device)
-        _move_to_(self.state, shards.device)
-        before = None if skip is None else _copy(self.state)
-        stats = self.rule.update(shards, self.clipping_threshold, self.options, self.state)
-        if before is not None and skip is not None:
-            _keep_where_(self.state, before, skip)
-        return stats
+            self.state = init(self.options, shards.device)
+        state = self.state
+        move_to_(state, shards.device)
+        return update_unless_(
+            state, skip, lambda: update(shards, self.clipping_threshold, self.options, state)
+        )
 
     def _warn_about(self, everything: list[Named], selected: list[Named]) -> None:
         """Warn, once per clipper, where a setting or the input would make the call do nothing."""
@@ -402,25 +399,21 @@ def _checked_state(name: str, given: Any, fresh: State) -> State:
     return {key: value.detach().clone() for key, value in given.items()}
 
 
+@dataclass(frozen=True)
+class _Collected:
+    """What a call clips: ``everything`` (each distinct tensor passed, with its names where ``exclude``
+    needs them), the ``selected`` ones with grads and their ``grads``, and the ``shards`` of those grads.
+    ``module``: what was passed, where it was a module."""
+
+    module: nn.Module | None
+    everything: list[Named]
+    selected: list[Named]
+    grads: list[Tensor]
+    shards: Shards
+
+
 def _skip_step(everything: list[Named], norm: Tensor) -> ClipStats:
     """Drop every grad, excluded ones too, so that the whole optimizer step is skipped."""
     for _, param in everything:
         param.grad = None
     return ClipStats.skipped_step(norm)
-
-
-def _copy(state: State) -> State:
-    return {key: value.clone() for key, value in state.items()}
-
-
-def _keep_where_(state: State, before: State, keep: Tensor) -> None:
-    """Put back the values of ``before`` where the device flag ``keep`` is true; no host sync."""
-    for key, value in state.items():
-        value.copy_(torch.where(keep, before[key], value))
-
-
-def _move_to_(state: State, device: torch.device) -> None:
-    """Move the tensors of ``state`` to ``device`` where they are elsewhere (e.g. just loaded on the CPU)."""
-    for key, value in state.items():
-        if value.device != device:
-            state[key] = value.to(device)

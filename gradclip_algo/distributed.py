@@ -389,27 +389,57 @@ def _resolved_grad(param: Any, grad: Any) -> Any:
     return resolved
 
 
-def _dtensor_shards(params: Sequence[Tensor], dtensor: type, stages: Any) -> Shards:
-    weights, grads, reduction, unit_reduction, unit_groups = [], [], [], [], []
-    way_ids: dict[tuple[int, ...], int] = {}
-    ways: list[tuple[dist.ProcessGroup, ...]] = []
-    mesh_groups: dict[int, list[dist.ProcessGroup]] = {}
-    # one group object per set of ranks: separate meshes over the same ranks (one per fully_shard call, a
-    # submesh and its root's dim) then reduce together, once
-    by_ranks: dict[tuple[int, ...], dist.ProcessGroup] = {}
+class _Ways:
+    """The reduction ways of one call's DTensor grads: way ``k`` (from 1) reduces over ``ways[k - 1]``, a
+    tuple of groups; way 0 reduces nothing. There is one group object per set of ranks: separate meshes
+    over the same ranks (one per fully_shard call, a submesh and its root's dim) then reduce together,
+    once."""
 
-    def canonical(group: dist.ProcessGroup) -> dist.ProcessGroup:
-        return by_ranks.setdefault(tuple(dist.get_process_group_ranks(group)), group)
+    def __init__(self) -> None:
+        self.ways: list[tuple[dist.ProcessGroup, ...]] = []
+        self._ids: dict[tuple[int, ...], int] = {}
+        self._mesh_groups: dict[int, list[dist.ProcessGroup]] = {}
+        self._by_ranks: dict[tuple[int, ...], dist.ProcessGroup] = {}
 
-    def way_of(groups: tuple[dist.ProcessGroup, ...]) -> int:
+    def _canonical(self, group: dist.ProcessGroup) -> dist.ProcessGroup:
+        return self._by_ranks.setdefault(tuple(dist.get_process_group_ranks(group)), group)
+
+    def mesh_groups(self, mesh: Any) -> list[dist.ProcessGroup]:
+        """The (canonical) group of each dim of the device ``mesh``."""
+        if id(mesh) not in self._mesh_groups:
+            self._mesh_groups[id(mesh)] = [self._canonical(mesh.get_group(d)) for d in range(mesh.ndim)]
+        return self._mesh_groups[id(mesh)]
+
+    def way_of(self, groups: tuple[dist.ProcessGroup, ...]) -> int:
+        """The way that reduces over ``groups`` (0 for none), added where new."""
         if not groups:
             return 0
         key = tuple(sorted(id(g) for g in groups))
-        if key not in way_ids:
-            ways.append(groups)
-            way_ids[key] = len(ways)
-        return way_ids[key]
+        if key not in self._ids:
+            self.ways.append(groups)
+            self._ids[key] = len(self.ways)
+        return self._ids[key]
 
+
+def _split_by(
+    grad: Any, by_dim: list[dist.ProcessGroup]
+) -> tuple[list[dist.ProcessGroup], list[dist.ProcessGroup]]:
+    """The groups (of ``by_dim``, one per mesh dim) across which the DTensor ``grad`` is split, and those of
+    them that also split its AGC units (a split along a dim other than the first, or of a 0-D/1-D tensor)."""
+    split_by, units_split_by = [], []
+    for d, placement in enumerate(grad.placements):
+        dim = _sharded_dim(placement)
+        if dim is None or grad.device_mesh.size(d) == 1:
+            continue
+        split_by.append(by_dim[d])
+        if grad.ndim < 2 or dim % grad.ndim != 0:
+            units_split_by.append(by_dim[d])
+    return split_by, units_split_by
+
+
+def _dtensor_shards(params: Sequence[Tensor], dtensor: type, stages: Any) -> Shards:
+    weights, grads, reduction, unit_reduction, unit_groups = [], [], [], [], []
+    ways = _Ways()
     for param in params:
         if not isinstance(param, dtensor):
             weights.append(param.detach())
@@ -419,34 +449,23 @@ def _dtensor_shards(params: Sequence[Tensor], dtensor: type, stages: Any) -> Sha
             unit_groups.append(())
             continue
         grad = _resolved_grad(param, param.grad)
-        mesh = grad.device_mesh
-        if id(mesh) not in mesh_groups:
-            mesh_groups[id(mesh)] = [canonical(mesh.get_group(d)) for d in range(mesh.ndim)]
-        by_dim = mesh_groups[id(mesh)]
-        split_by, units_split_by = [], []
-        for d, placement in enumerate(grad.placements):
-            dim = _sharded_dim(placement)
-            if dim is None or mesh.size(d) == 1:
-                continue
-            split_by.append(by_dim[d])
-            if grad.ndim < 2 or dim % grad.ndim != 0:
-                units_split_by.append(by_dim[d])
+        split_by, units_split_by = _split_by(grad, ways.mesh_groups(grad.device_mesh))
         weights.append(param.detach().to_local())
         grads.append(grad.to_local())
-        reduction.append(way_of(tuple(split_by)))
+        reduction.append(ways.way_of(tuple(split_by)))
         unit_groups.append(tuple(units_split_by))
-        unit_reduction.append(way_of(tuple(g for g in split_by if g not in units_split_by)))
+        unit_reduction.append(ways.way_of(tuple(g for g in split_by if g not in units_split_by)))
     home = None if grads or stages is None else _group_device(stages)
     return Shards(
         weights,
         grads,
         split=[bool(k) for k in reduction],
         units_whole=[not groups for groups in unit_groups],
-        layout="fsdp2" if ways else "local",
+        layout="fsdp2" if ways.ways else "local",
         home=home,
         reduction=reduction,
         unit_reduction=unit_reduction,
-        ways=ways,
+        ways=ways.ways,
         unit_groups=unit_groups,
         stages=stages,
     )

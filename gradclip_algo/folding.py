@@ -437,3 +437,22 @@ def hand_to_step(
         ledger = _LEDGERS[optimizer]
         ledger.pending = _Fold.of(_own(optimizer, params), coefficient, skip)
         _ACTIVE.add(ledger)
+
+
+def scale_or_fold(
+    optimizers: Optimizers,
+    plan: FoldPlan,
+    params: Sequence[Tensor],
+    grads: list[Tensor],
+    coefficient: Tensor | None,
+    skip: Tensor | None,
+) -> bool:
+    """The last stage of a clipping call: ``grads ← grads · coefficient`` (0-d, or ``None``: nothing to
+    scale), except where ``plan`` folds the factor; then the factor, and a ``skip`` flag, are handed to the
+    next step of ``optimizers`` (:func:`hand_to_step`) for the grads of ``params``. Returns whether
+    anything was folded. No host sync."""
+    if coefficient is not None and not plan.factor:
+        scale_grads_(grads, coefficient)
+    if optimizers:
+        hand_to_step(optimizers, params, coefficient if plan.factor else None, skip)
+    return (plan.factor and coefficient is not None) or skip is not None

@@ -182,22 +182,8 @@ def total_power_sum(tensors: list[Tensor], norm_type: float) -> Tensor:
     first = tensors[0]
     if not _has_cpu_kernel(first, norm_type):
         return _combine(_foreach_power_sums(tensors, norm_type), norm_type)
-    numels = [t.numel() for t in tensors]
-    total = sum(numels)
-    buffer_numel = _buffer_numel(PACK_NUMEL, total)
-    parts, packable, rest = [], [], []
-    packed_numel = 0
-    if min(numels) > 0 and max(numels) <= min(buffer_numel, CPU_DOT_MIN_NUMEL - 1):
-        packable, packed_numel = tensors, total  # the common case of many small tensors: all packed
-    else:
-        for tensor, numel in zip(tensors, numels, strict=True):
-            if numel >= CPU_DOT_MIN_NUMEL and tensor.is_contiguous():
-                parts.append(_cpu_power_sum(tensor, norm_type))
-            elif 0 < numel <= buffer_numel:
-                packable.append(tensor)
-                packed_numel += numel
-            elif numel:
-                rest.append(tensor)
+    buffer_numel = _buffer_numel(PACK_NUMEL, sum(t.numel() for t in tensors))
+    parts, packable, rest = _cpu_split(tensors, norm_type, buffer_numel)
     if len(packable) > 1:
         buffer = first.new_empty(buffer_numel)
         for pack, trailing, numel in _packs(packable, buffer.numel()):
@@ -210,6 +196,28 @@ def total_power_sum(tensors: list[Tensor], norm_type: float) -> Tensor:
     if not parts:
         return torch.zeros((), dtype=accumulation_dtype(first.dtype), device=first.device)
     return _combine(torch.stack(parts).to(accumulation_dtype(first.dtype)), norm_type)
+
+
+def _cpu_split(
+    tensors: list[Tensor], norm_type: float, buffer_numel: int
+) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """For :func:`total_power_sum` on CPU: the power sums of the large contiguous tensors (each its own
+    kernel), the non-empty tensors that fit a buffer of ``buffer_numel`` elements (to be packed), and the
+    rest (empty tensors left out)."""
+    numels = [t.numel() for t in tensors]
+    if min(numels) > 0 and max(numels) <= min(buffer_numel, CPU_DOT_MIN_NUMEL - 1):
+        return [], list(tensors), []  # the common case of many small tensors: all packed
+    parts: list[Tensor] = []
+    packable: list[Tensor] = []
+    rest: list[Tensor] = []
+    for tensor, numel in zip(tensors, numels, strict=True):
+        if numel >= CPU_DOT_MIN_NUMEL and tensor.is_contiguous():
+            parts.append(_cpu_power_sum(tensor, norm_type))
+        elif 0 < numel <= buffer_numel:
+            packable.append(tensor)
+        elif numel:
+            rest.append(tensor)
+    return parts, packable, rest
 
 
 def scale_(tensors: list[Tensor], coef: Tensor) -> None:

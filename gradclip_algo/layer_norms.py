@@ -68,6 +68,20 @@ def grad_norms_by_name(parameters: nn.Module | Iterable[tuple[str, Tensor]]) -> 
     ``parameters``: a module (its ``named_parameters()``; a tensor shared under two names counts once,
     under its first name) or ``(name, tensor)`` pairs.
     """
+    names, grads = _named_grads(parameters)
+    if not grads:
+        return LayerGradNorms((), torch.zeros(0, dtype=torch.float32))
+    device = grads[0].device
+    norms = _local_norms(grads)
+    for i, grad in enumerate(grads):
+        if norms[i] is None:
+            norms[i] = _whole_norm(grad) if grad.numel() > 0 else torch.zeros((), device=grad.device)
+    stacked = torch.stack([n.to(device, torch.float32) for n in norms if n is not None])
+    return LayerGradNorms(tuple(names), stacked)
+
+
+def _named_grads(parameters: nn.Module | Iterable[tuple[str, Tensor]]) -> tuple[list[str], list[Tensor]]:
+    """The names and grads of the parameters that have a grad."""
     named = parameters.named_parameters() if isinstance(parameters, nn.Module) else parameters
     names: list[str] = []
     grads: list[Tensor] = []
@@ -75,9 +89,12 @@ def grad_norms_by_name(parameters: nn.Module | Iterable[tuple[str, Tensor]]) -> 
         if param.grad is not None:
             names.append(name)
             grads.append(param.grad)
-    if not grads:
-        return LayerGradNorms((), torch.zeros(0, dtype=torch.float32))
-    device = grads[0].device
+    return names, grads
+
+
+def _local_norms(grads: list[Tensor]) -> list[Tensor | None]:
+    """The L2 norm (fp32) of each non-empty grad that is not a DTensor, one foreach kernel per device and
+    dtype; ``None`` for the others."""
     norms: list[Tensor | None] = [None] * len(grads)
     local = [i for i, g in enumerate(grads) if not hasattr(g, "full_tensor") and g.numel() > 0]
     by_group: dict[tuple[torch.device, torch.dtype], list[int]] = {}
@@ -87,11 +104,7 @@ def grad_norms_by_name(parameters: nn.Module | Iterable[tuple[str, Tensor]]) -> 
         group_norms = torch._foreach_norm([grads[i] for i in indices], 2.0, dtype=torch.float32)
         for i, norm in zip(indices, group_norms, strict=True):
             norms[i] = norm
-    for i, grad in enumerate(grads):
-        if norms[i] is None:
-            norms[i] = _whole_norm(grad) if grad.numel() > 0 else torch.zeros((), device=grad.device)
-    stacked = torch.stack([n.to(device, torch.float32) for n in norms if n is not None])
-    return LayerGradNorms(tuple(names), stacked)
+    return norms
 
 
 def norm_metrics(norms: LayerGradNorms, top_k: int | None) -> dict[str, float]:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from gradclip_algo.distributed import Shards
 
 NONFINITE_MODES = ("propagate", "error", "skip", "zero")
 """What the clipper does when a grad it clips holds inf or NaN.
@@ -44,6 +47,32 @@ def zero_nonfinite_(grads: list[Tensor]) -> None:
     """Replace every inf and NaN grad element by 0, in place."""
     for grad in grads:
         grad.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+class NonfiniteCheck(NamedTuple):
+    """What :func:`check_nonfinite_` decided; both ``None``: go on clipping."""
+
+    skip: Tensor | None
+    """The 0-d bool device flag of a folded skip, for the optimizers' ``found_inf``."""
+    stop: Tensor | None
+    """The non-finite global norm of a step to stop on the host: raise ('error') or drop the grads ('skip')."""
+
+
+def check_nonfinite_(mode: str, shards: Shards, norm_type: float, fold_skip: bool) -> NonfiniteCheck:
+    """Apply the :data:`NONFINITE_MODES` ``mode`` to ``shards``: 'zero' zeroes their inf/NaN elements;
+    'error' and 'skip' judge their global ``norm_type`` norm, the same way on every rank (:func:`any_rank`).
+    A 'skip' folded into the optimizers (``fold_skip``) stays on the device; otherwise the flag is read
+    on the host (the one sync these modes need).
+    """
+    if mode == "zero":
+        zero_nonfinite_(shards.grads)
+    if mode not in ("error", "skip"):
+        return NonfiniteCheck(None, None)
+    norm = shards.global_norm(norm_type)
+    nonfinite = any_rank(~torch.isfinite(norm))
+    if mode == "skip" and fold_skip:
+        return NonfiniteCheck(nonfinite, None)
+    return NonfiniteCheck(None, norm if bool(nonfinite) else None)  # the host sync unless folded
 
 
 def _world_size() -> int:

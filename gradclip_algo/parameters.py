@@ -87,17 +87,27 @@ def collect(parameters: Parameters, names: bool = True) -> list[Named]:
     was passed, and ``ValueError`` for an iterator that yields nothing (one already used up).
     """
     if isinstance(parameters, nn.Module):
-        parameters = _unwrapped_module(parameters)
-        if not names:
-            return [((), param) for param in _module_parameters(parameters)]
-        by_id: dict[int, Named] = {}
-        for wrapped_name, param in parameters.named_parameters(remove_duplicate=False):
-            name = unwrapped_name(wrapped_name)
-            known = by_id.get(id(param))
-            by_id[id(param)] = ((*known[0], name) if known else (name,), param)
-        return list(by_id.values())
+        return _from_module(_unwrapped_module(parameters), names)
     if isinstance(parameters, Tensor):
         return [((), parameters)]
+    _check_iterable(parameters)
+    return _from_iterable(parameters)
+
+
+def _from_module(module: nn.Module, names: bool) -> list[Named]:
+    """Each parameter of ``module`` once, with every name it has (none where not ``names``)."""
+    if not names:
+        return [((), param) for param in _module_parameters(module)]
+    by_id: dict[int, Named] = {}
+    for wrapped_name, param in module.named_parameters(remove_duplicate=False):
+        name = unwrapped_name(wrapped_name)
+        known = by_id.get(id(param))
+        by_id[id(param)] = ((*known[0], name) if known else (name,), param)
+    return list(by_id.values())
+
+
+def _check_iterable(parameters: object) -> None:
+    """``TypeError`` for an optimizer, a string or anything that is not iterable, naming what was passed."""
     if isinstance(parameters, torch.optim.Optimizer):
         raise TypeError(
             f"parameters: got an optimizer ({_kind(parameters)}); pass the model, or "
@@ -108,6 +118,11 @@ def collect(parameters: Parameters, names: bool = True) -> list[Named]:
             "parameters: expected an nn.Module, a tensor, or an iterable of tensors or (name, tensor) "
             f"pairs, got {parameters!r} ({_kind(parameters)})"
         )
+
+
+def _from_iterable(parameters: Iterable[Tensor] | Iterable[tuple[str, Tensor]]) -> list[Named]:
+    """Each distinct tensor of an iterable of tensors or ``(name, tensor)`` pairs once, with its names;
+    ``TypeError`` for any other item, ``ValueError`` for an iterator that yields nothing."""
     is_iterator = isinstance(parameters, Iterator)
     unique: dict[int, Named] = {}
     for item in parameters:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from gradclip_algo.device_state import update_unless_
 from gradclip_algo.norm_history import empty_history, mean_and_std, record_
 
 SPIKE_WINDOW = 128  # OLMo-core's rolling interval; its sigma factor is 6
@@ -33,3 +34,9 @@ def is_spike_(norm: Tensor, state: dict[str, Tensor], limit: float) -> Tensor:
     spike = (judged & (norm > mean + limit * std)) | ~torch.isfinite(norm)
     record_(state, norm)
     return spike
+
+
+def judge_spike_(norm: Tensor, state: dict[str, Tensor], limit: float, skip: Tensor | None) -> Tensor:
+    """:func:`is_spike_`, except that a step already skipped (the 0-d bool device flag ``skip``: its grads
+    were non-finite) leaves the window as it was. No host sync."""
+    return update_unless_(state, skip, lambda: is_spike_(norm, state, limit))
