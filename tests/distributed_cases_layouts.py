@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from distributed_common import (
     CASES,
     FOUR_RANKS,
@@ -28,6 +27,7 @@ from distributed_common import (
     VOCAB,
     WORLD_SIZE,
     ShardedNet,
+    backward,
     full_weights,
     gather,
     global_batch,
@@ -281,16 +281,9 @@ def global_batch_scaled(step: int, rows: slice) -> tuple[Tensor, Tensor]:
     return tokens[rows], targets[rows]
 
 
-def loss_backward(model: nn.Module, tokens: Tensor, targets: Tensor, scale: float) -> None:
-    model.zero_grad(set_to_none=True)
-    (F.cross_entropy(model(tokens), targets) * scale).backward()
-
-
 def data_parallel(model: nn.Module, rank: int, ranks: int) -> Callable[[int, float], None]:
     """Backward on rows ``rank::ranks`` of each global batch."""
-    return lambda step, scale: loss_backward(
-        model, *global_batch_scaled(step, slice(rank, None, ranks)), scale
-    )
+    return lambda step, scale: backward(model, *global_batch_scaled(step, slice(rank, None, ranks)), scale)
 
 
 def ddp_setup(rank: int) -> Setup:
