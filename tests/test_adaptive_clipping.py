@@ -7,24 +7,10 @@ import math
 import pytest
 import torch
 from conftest import MixedModel, backward_mixed, grads
+from references import agc_reference
 from torch import nn
 
 from gradclip_algo import apply_gradient_clipping, kernels
-
-
-def agc_reference(
-    weight: torch.Tensor, grad: torch.Tensor, clipping: float, eps: float = 1e-3
-) -> torch.Tensor:
-    """The paper's rule, unit by unit, in float64 Python loops."""
-    w, g = weight.double(), grad.double()
-    if w.ndim <= 1:
-        w, g = w.reshape(1, -1), g.reshape(1, -1)
-    out = torch.empty_like(g)
-    for u in range(g.shape[0]):
-        max_norm = clipping * max(w[u].norm().item(), eps)
-        g_norm = g[u].norm().item()
-        out[u] = g[u] * (max_norm / g_norm) if g_norm > max_norm else g[u]
-    return out.reshape(grad.shape)
 
 
 def as_units(tensor: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,10 @@
 """DDP, FSDP1, FSDP2, TP, pipeline stages on 2 CPU ranks (gloo), and FSDP2 + TP, HSDP and pipeline x FSDP2
 on 2x2 meshes on 4 ranks, each against a single-process reference.
 
-The 2-rank cases run in one spawn of 2 ranks, the 4-rank ones in one spawn of 4 (tests/distributed_worker.py;
-the Composer ones in tests/distributed_composer_cases.py); each test reports one case's outcome on every rank.
+The 2-rank cases run in one spawn of 2 ranks, the 4-rank ones in one spawn of 4 (tests/distributed_worker.py);
+each test reports one case's outcome on every rank. The cases are grouped by feature:
+tests/distributed_cases_rules.py, tests/distributed_cases_nonfinite.py, tests/distributed_cases_layouts.py
+and tests/distributed_cases_composer.py (shared helpers in tests/distributed_common.py).
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ from distributed_worker import CASES, FOUR_RANKS, LIMITS, run_cases
 
 from gradclip_algo import GradientClipper, apply_gradient_clipping
 
-COMPOSER_MODULE = "distributed_composer_cases"
+COMPOSER_MODULE = "distributed_cases_composer"
 if importlib.util.find_spec("composer") is not None:
-    from distributed_composer_cases import COMPOSER_CASES
+    from distributed_cases_composer import COMPOSER_CASES
 else:
     COMPOSER_CASES = {}
 TORCH_CASES = [case for case in CASES if case not in COMPOSER_CASES and case not in FOUR_RANKS]

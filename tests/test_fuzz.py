@@ -10,9 +10,10 @@ tensors, ``None`` grads, per-tensor magnitudes from 1e-30 to 1e30) and compared 
 - ``torch.nn.utils.clip_grad_norm_`` / ``clip_grad_value_`` where torch's own norm is finite (norm: same
   norm, same grads, and whether ``error_if_nonfinite=True`` raises; value: bit for bit).
 
-Tolerance model: the library accumulates norms in fp32 (fp64 for fp64 grads) and returns fp32 statistics,
-so a coefficient carries the relative error of an fp32 sum over N elements, :func:`coef_rtol`; a grad is
-compared in its own dtype after rounding the float64 expectation to it (one more ulp of that dtype).
+The pieces live in their own modules: the float64 references of every rule in tests/references.py, the
+strategies and the cases they draw in tests/fuzz_strategies.py, the tolerances, the comparison with a
+reference and the torch oracle in tests/fuzz_checks.py. This file holds the tests, and the glue from a
+drawn case to its reference.
 
 Runs: ``make test`` uses the bounded, derandomized ``ci`` profile; ``make fuzz`` (``HYPOTHESIS_PROFILE=fuzz``)
 runs thousands of examples per test. Cases that failed once are pinned at the bottom as plain tests.
@@ -22,16 +23,53 @@ from __future__ import annotations
 
 import math
 import os
-import re
-from collections import deque
-from collections.abc import Callable, Iterable
-from dataclasses import astuple, dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import pytest
 import torch
+from fuzz_checks import (
+    assert_matches_one,
+    coef_rtol,
+    crash,
+    mismatch,
+    stat_mismatch,
+    torch_norm_clip,
+    underflow_atol,
+)
+from fuzz_strategies import (
+    FP32_SUM_SAFE_EXP,
+    FoldCase,
+    StatefulCase,
+    StatelessCase,
+    TensorSpec,
+    all_finite,
+    flat_to_index,
+    float64_grads,
+    fold_cases,
+    grad_values,
+    make_params,
+    stateful_cases,
+    stateless_cases,
+    total_numel,
+    twins,
+    with_grads,
+)
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from references import (
+    NORM_EPS,
+    AdaGCReference,
+    Outcome,
+    QuantileReference,
+    SpikeReference,
+    ZScoreReference,
+    adaptive_reference,
+    norm_reference,
+    p_norm,
+    skipped_outcome,
+    value_reference,
+)
 from torch import Tensor, nn
 
 from gradclip_algo import (
@@ -39,28 +77,8 @@ from gradclip_algo import (
     GradientClipper,
     NonFiniteGradError,
     apply_gradient_clipping,
-    kernels,
 )
-
-# ---------------------------------------------------------------------------------------------------------
-# The sizes where the implementation changes code path (kernels.SIZE_LIMITS: the CPU dot/aminmax/clamp
-# threshold, the pack buffer, the AGC stack and row-block sizes, and the total numel at which the pack buffer
-# (1/MEMORY_SHARE of the total) reaches the dot threshold); AGC stacks tensors of numel * 4 <= its buffer.
 from gradclip_algo.folding import factor_is_foldable
-
-BOUNDARY_SIZES: tuple[int, ...] = tuple(sorted({*kernels.SIZE_LIMITS, kernels.STACK_NUMEL // 4}))
-BOUNDARY_OFFSETS = (-3, -2, -1, 0, 1, 2, 3)  # every boundary size is drawn this many elements either side
-FP32_SUM_SAFE_EXP = 9
-"""Grads that are not float64 are drawn at most 10^9 · N(0, 1): then no float32 sum of |g|^p (p <= 3) over
-the sizes drawn here overflows. Beyond that the library, like torch, sums in float32 and its norm is inf;
-that regime is pinned below (test_pinned_float32_overflow_is_torchs)."""
-LARGE_NUMEL = 1 << 19  # boundary sizes from here on are drawn for at most one tensor in ~10 % of models
-# ---------------------------------------------------------------------------------------------------------
-
-FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-NORM_EPS = 1e-6  # added to the norm in every coefficient λ / (‖G‖ + 1e-6), as torch does
-NONFINITE_MODES = ("propagate", "error", "skip", "zero")
-FP32_EPS = 2.0**-24  # unit roundoff of fp32, the accumulation type of the library's norms
 
 # The C++ warning that the packing bug prints before it breaks: any resize of an ``out=`` tensor is a bug.
 pytestmark = pytest.mark.filterwarnings("error:An output with one or more elements was resized")
@@ -84,725 +102,8 @@ FUZZ = settings(settings.get_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 # =========================================================================================================
-# float64 references
-# =========================================================================================================
-
-
-@dataclass
-class Outcome:
-    """What one clipping call must do, in float64.
-
-    ``grads``: every grad after the call (``None``: the step is skipped and every grad set to ``None``);
-    ``clipped_fraction`` is given as bounds, because a decision within rounding of its threshold may go
-    either way; ``raises``: a :class:`NonFiniteGradError` with the grads left as they were.
-    """
-
-    grads: list[Tensor] | None
-    grad_norm: float = 0.0
-    clipped_grad_norm: float = 0.0
-    fraction: tuple[float, float] = (0.0, 0.0)
-    skipped: bool = False
-    raises: bool = False
-
-
-def p_norm(tensors: Iterable[Tensor], p: float) -> float:
-    """``‖G‖_p`` of all ``tensors`` together (float64): ``max|g|`` for p = inf, else ``(Σ|g|^p)^(1/p)``,
-    computed as ``m · ‖G / m‖_p`` with ``m = max|g|`` so that no power overflows or underflows float64.
-    NaN if any element is NaN, inf if any is infinite."""
-    flat = torch.cat(
-        [t.reshape(-1).to(torch.float64) for t in tensors] + [torch.zeros(0, dtype=torch.float64)]
-    )
-    if flat.numel() == 0:
-        return 0.0
-    if bool(flat.isnan().any()):
-        return math.nan
-    peak = float(flat.abs().max())
-    if peak == 0.0 or math.isinf(peak) or math.isinf(p):
-        return peak
-    return peak * float((flat.abs() / peak).pow(p).sum()) ** (1.0 / p)
-
-
-def unit_rows(tensor: Tensor) -> Tensor:
-    """AGC units as rows: the output rows/filters of a 2+-D tensor, the whole tensor for 0-D and 1-D."""
-    if tensor.ndim < 2:
-        return tensor.reshape(1, tensor.numel())
-    return tensor.reshape(tensor.shape[0], math.prod(tensor.shape[1:]))
-
-
-def row_norms(rows: Tensor) -> Tensor:
-    """L2 norm of each row in float64, scaled by the row's max so that no square overflows."""
-    peak = rows.abs().amax(dim=1, keepdim=True) if rows.shape[1] else rows.new_zeros(rows.shape[0], 1)
-    safe = torch.where(peak > 0, peak, torch.ones_like(peak))
-    return (peak * (rows / safe).square().sum(dim=1, keepdim=True).sqrt()).squeeze(1)
-
-
-def count_bounds(values: Tensor, limit: Tensor | float, band: float) -> tuple[int, int]:
-    """How many ``values > limit``, as bounds: those beyond ``limit·(1 + band)`` certainly, those beyond
-    ``limit·(1 - band)`` at most."""
-    return int((values > limit * (1 + band)).sum()), int((values > limit * (1 - band)).sum())
-
-
-def coef_outcome(grads: list[Tensor], coef: float, grad_norm: float) -> Outcome:
-    """Every grad · ``coef``; ``clipped_grad_norm`` = ``coef · grad_norm`` (the same p-norm after)."""
-    return Outcome([g * coef for g in grads], grad_norm, grad_norm * coef)
-
-
-def norm_reference(grads: list[Tensor], threshold: float, norm_type: float, band: float) -> list[Outcome]:
-    """'norm': ``g ← g · min(1, λ / (‖G‖_p + 1e-6))``, λ = ``threshold`` (:func:`threshold_reference`)."""
-    return threshold_reference(grads, p_norm(grads, norm_type), threshold, band)
-
-
-def value_reference(grads: list[Tensor], threshold: float, bands: list[float]) -> list[Outcome]:
-    """'value': ``g ← clamp(g, -λ, λ)``; L2 norms before and after; fraction: share of elements ``|g| > λ``
-    (an element within its dtype's rounding of λ may count either way: λ is rounded to the grad's dtype)."""
-    after = [g.clamp(-threshold, threshold) for g in grads]
-    numel = sum(g.numel() for g in grads)
-    low = high = 0
-    for g, band in zip(grads, bands, strict=True):
-        sure, maybe = count_bounds(g.abs().reshape(-1), threshold, band)
-        low, high = low + sure, high + maybe
-    total = max(1, numel)
-    return [Outcome(after, p_norm(grads, 2.0), p_norm(after, 2.0), (low / total, high / total))]
-
-
-def adaptive_reference(
-    grads: list[Tensor], weights: list[Tensor], threshold: float, eps: float, band: float
-) -> list[Outcome]:
-    """'adaptive' (AGC), per unit u: ``M_u = λ · max(‖W_u‖, ε)``; if ``‖G_u‖ > M_u`` then
-    ``G_u ← G_u · M_u / ‖G_u‖``. Fraction: share of units clipped (0-D/1-D tensors are one unit each,
-    a 2+-D tensor has ``shape[0]`` units)."""
-    after, low, high, units = [], 0, 0, 0
-    for grad, weight in zip(grads, weights, strict=True):
-        rows = unit_rows(grad)
-        grad_norms, limits = row_norms(rows), threshold * row_norms(unit_rows(weight)).clamp(min=eps)
-        clipped = grad_norms > limits
-        coef = torch.where(clipped, limits / torch.where(clipped, grad_norms, 1.0), 1.0)
-        after.append((rows * coef.unsqueeze(1)).reshape(grad.shape))
-        sure, maybe = count_bounds(grad_norms, limits, band)
-        low, high, units = low + sure, high + maybe, units + rows.shape[0]
-    total = max(1, units)
-    return [Outcome(after, p_norm(grads, 2.0), p_norm(after, 2.0), (low / total, high / total))]
-
-
-def threshold_reference(grads: list[Tensor], norm: float, tau: float, band: float) -> list[Outcome]:
-    """The clip at a threshold τ of 'norm' and the statistics-driven rules: every grad · ``min(1, τ / (‖G‖
-    + 1e-6))`` (torch's factor: continuous in ‖G‖, and below 1 already for ``τ - 1e-6 < ‖G‖ ≤ τ``), and
-    the step counts as clipped where ``‖G‖ > τ``; within ``band`` of τ it may count either way."""
-    outcome = coef_outcome(grads, min(1.0, tau / (norm + NORM_EPS)), norm)
-    near = math.isfinite(tau) and abs(norm - tau) <= band * max(norm, tau)
-    outcome.fraction = (float(norm > tau and not near), float(norm > tau or near))
-    return [outcome]
-
-
-def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (0..100) with linear interpolation between order statistics (numpy's default)."""
-    ordered = sorted(values)
-    position = q / 100.0 * (len(ordered) - 1)
-    low = math.floor(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
-class QuantileReference:
-    """AutoClip: ``h_t = ‖G_t‖`` enters the history (the last ``window`` finite norms) first, then
-    ``τ = min(P_p(history), λ)`` and the grads are clipped at τ (:func:`threshold_reference`)."""
-
-    def __init__(self, threshold: float, percentile: float = 10.0, window: int = 1000) -> None:
-        self.threshold, self.percentile = threshold, percentile
-        self.history: deque[float] = deque(maxlen=window)
-
-    def __call__(self, grads: list[Tensor], band: float) -> list[Outcome]:
-        norm = p_norm(grads, 2.0)
-        if math.isfinite(norm):
-            self.history.append(norm)
-        tau = self.threshold
-        if self.history:
-            tau = min(percentile(list(self.history), self.percentile), self.threshold)
-        return threshold_reference(grads, norm, tau, band)
-
-
-class ZScoreReference:
-    """ZClip (gradclip_algo/rules/zscore.py), global L2 norm n:
-
-    - warm-up (the first W finite norms): only λ clips; μ, sigma² = mean and population variance of those norms;
-    - then ``z = (n - μ) / (sigma + 1e-6)``; an outlier (``z > z_t``) gets ``τ = μ + z_t²·sigma / z``, others
-      ``τ = ∞``; the grads are clipped at ``min(τ, λ)``;
-    - after warm-up, with ``x = τ`` for an outlier and ``x = n`` otherwise: ``μ ← alpha·μ + (1 - alpha)·x``,
-      ``sigma² ← alpha·sigma² + (1 - alpha)·(x - μ)²`` (the updated μ). A non-finite norm changes nothing.
-    """
-
-    def __init__(
-        self, threshold: float, alpha: float = 0.97, z_threshold: float = 2.5, warmup_steps: int = 25
-    ) -> None:
-        self.threshold, self.alpha, self.z_t, self.warmup = threshold, alpha, z_threshold, warmup_steps
-        self.warm_norms: list[float] = []
-        self.mean = self.var = 0.0
-
-    def __call__(self, grads: list[Tensor], band: float) -> list[Outcome]:
-        norm = p_norm(grads, 2.0)
-        if len(self.warm_norms) < self.warmup:
-            outcomes = threshold_reference(grads, norm, self.threshold, band)
-            if math.isfinite(norm):
-                self.warm_norms.append(norm)
-                self.mean = sum(self.warm_norms) / len(self.warm_norms)
-                self.var = sum((x - self.mean) ** 2 for x in self.warm_norms) / len(self.warm_norms)
-            return outcomes
-        std = math.sqrt(self.var)
-        z = (norm - self.mean) / (std + 1e-6)
-        outlier = z > self.z_t
-        tau = self.mean + self.z_t**2 * std / z if outlier else math.inf
-        outcomes = threshold_reference(grads, norm, min(tau, self.threshold), band)
-        # sigma is an fp32 square root of a variance: near sigma = 0 it is off by ~sqrt(eps)·μ
-        boundary = self.mean + self.z_t * (std + 1e-6)
-        if abs(norm - boundary) <= band * norm + self.z_t * 3e-4 * self.mean:
-            other = self.mean + self.z_t**2 * std / z if not outlier and z > 0 else math.inf
-            outcomes += threshold_reference(grads, norm, min(other, self.threshold), band)
-        if math.isfinite(norm):
-            target = tau if outlier else norm
-            self.mean = self.alpha * self.mean + (1 - self.alpha) * target
-            self.var = self.alpha * self.var + (1 - self.alpha) * (target - self.mean) ** 2
-        return outcomes
-
-
-class AdaGCReference:
-    """AdaGC (gradclip_algo/rules/adagc.py), per tensor i with ``g_i`` its grad, ``ĝ_i`` the clipped one,
-    ``gamma_i`` starting at +inf:
-
-    - warm-up (the first W finite steps): ``ĝ_i = min(1, λ / (‖g‖ + 1e-6))·g_i`` (‖g‖ global L2),
-      ``gamma_i ← min(gamma_i, ‖ĝ_i‖)``;
-    - then ``ĝ_i = min(1, λ_rel·gamma_i / ‖g_i‖)·g_i`` (no clip where ‖g_i‖ ≤ λ_rel·gamma_i),
-      ``gamma_i ← β·gamma_i + (1 - β)·‖ĝ_i‖``.
-
-    ``clipped_fraction``: share of tensors scaled down. A non-finite global norm changes no statistic.
-    """
-
-    def __init__(
-        self, threshold: float, relative_threshold: float = 1.05, beta: float = 0.98, warmup_steps: int = 100
-    ) -> None:
-        self.threshold, self.relative, self.beta, self.warmup = (
-            threshold,
-            relative_threshold,
-            beta,
-            warmup_steps,
-        )
-        self.steps = 0
-        self.gamma: list[float] | None = None
-
-    def __call__(self, grads: list[Tensor], band: float) -> list[Outcome]:
-        norms = [p_norm([g], 2.0) for g in grads]
-        norm = p_norm(grads, 2.0)
-        gamma = self.gamma if self.gamma is not None else [math.inf] * len(grads)
-        warm = self.steps < self.warmup
-        if warm:
-            ratio = self.threshold / (norm + NORM_EPS)
-            coefs = [min(1.0, ratio)] * len(grads)
-            sure = maybe = 0
-            if norm > 0:
-                sure, maybe = (len(grads), len(grads)) if ratio < 1 - band else (0, 0)
-                if abs(ratio - 1) <= band or abs(norm - self.threshold) <= 2e-6:
-                    sure, maybe = 0, len(grads)
-        else:
-            caps = [self.relative * g for g in gamma]
-            coefs = [cap / n if n > cap else 1.0 for n, cap in zip(norms, caps, strict=True)]
-            sure = sum(n > cap * (1 + band) for n, cap in zip(norms, caps, strict=True))
-            maybe = sum(n > cap * (1 - band) for n, cap in zip(norms, caps, strict=True))
-        clipped_norms = [n * c for n, c in zip(norms, coefs, strict=True)]
-        if math.isfinite(norm):
-            self.steps += 1
-            if warm:
-                self.gamma = [min(g, c) for g, c in zip(gamma, clipped_norms, strict=True)]
-            else:
-                self.gamma = [
-                    self.beta * g + (1 - self.beta) * c for g, c in zip(gamma, clipped_norms, strict=True)
-                ]
-        total = max(1, len(grads))
-        after = [g * c for g, c in zip(grads, coefs, strict=True)]
-        return [
-            Outcome(after, norm, math.sqrt(sum(c * c for c in clipped_norms)), (sure / total, maybe / total))
-        ]
-
-
-class SpikeReference:
-    """``skip_spikes=k`` (gradclip_algo/spikes.py): with the window holding the last ``spike_window`` finite
-    global L2 norms, a step is skipped when the window holds at least ``max(2, spike_window // 2)`` norms and
-    ``n > mean + k·std`` (sample std, ddof 1) of the window before this step, or when n is not finite;
-    every finite norm then enters the window. A skipped step sets every grad to ``None``;
-    its stats are ``(n, 0, 1, skipped=True)``."""
-
-    def __init__(self, limit: float, window: int = 128) -> None:
-        self.limit, self.window = limit, window
-        self.norms: deque[float] = deque(maxlen=window)
-
-    def __call__(self, grads: list[Tensor], band: float) -> tuple[bool, bool, float]:
-        """``(spike, ambiguous, n)`` for this step; records n."""
-        norm = p_norm(grads, 2.0)
-        spike, ambiguous = not math.isfinite(norm), False
-        if math.isfinite(norm) and len(self.norms) >= max(2, self.window // 2):
-            mean = sum(self.norms) / len(self.norms)
-            std = math.sqrt(sum((x - mean) ** 2 for x in self.norms) / (len(self.norms) - 1))
-            limit = mean + self.limit * std
-            spike = norm > limit
-            # the window's std is an fp32 square root: near 0 it is off by ~sqrt(eps)·mean
-            ambiguous = abs(norm - limit) <= band * norm + self.limit * 3e-4 * mean
-        if math.isfinite(norm):
-            self.norms.append(norm)
-        return spike, ambiguous, norm
-
-
-def skipped_outcome(norm: float) -> Outcome:
-    return Outcome(None, norm, 0.0, (1.0, 1.0), skipped=True)
-
-
-# =========================================================================================================
-# Tolerances
-# =========================================================================================================
-
-
-def coef_rtol(numel: int, norm_type: float = 2.0) -> float:
-    """Relative error of a norm (and of a coefficient λ / ‖G‖) accumulated in fp32 over ``numel`` elements.
-
-    Calibrated on torch's own fp32 ``vector_norm`` (about ``numel / 2600`` units of roundoff at 4M
-    elements) with a margin; ``p < 1`` raises the power sum to ``1/p > 1``, which multiplies its error.
-    For p other than 2 the library's power sums are torch's foreach norm, whose power sums of half-precision
-    grads measured up to ``numel / 115`` units (bf16, p = 0.5, 16,381 elements: 142 units; 65,533: 395),
-    hence ``numel / 64`` there; ``make fuzz`` found both, against ``64 + numel / 256``.
-    """
-    slope = 256 if norm_type == 2.0 else 64
-    return FP32_EPS * (192 + numel / slope) * max(1.0, 1.0 / norm_type)
-
-
-def underflow_atol(numel: int, norm_type: float) -> float:
-    """Absolute error of a p-norm whose fp32 power sum loses elements below the smallest normal (as torch's
-    own fp32 norm does); it never matters to the grads (the coefficient is 1 for norms far below λ)."""
-    if math.isinf(norm_type):
-        return 0.0
-    return (numel * 2.0**-126) ** (1.0 / norm_type) + 2.0**-149
-
-
-def grad_tolerances(dtype: torch.dtype) -> tuple[float, float]:
-    """``(ulp, atol)``: one rounding of the grad's dtype, and one spacing of its subnormals (twice)."""
-    info = torch.finfo(dtype)
-    return float(info.eps), 2 * float(info.smallest_normal) * float(info.eps)
-
-
-def mismatch(actual: Tensor, expected64: Tensor, rtol: float, what: str) -> str | None:
-    """Why ``actual`` is not ``expected64`` rounded to ``actual``'s dtype within ``rtol`` + one ulp; None if
-    it is (NaN matches NaN, inf matches the same inf)."""
-    if actual.shape != expected64.shape:
-        return f"{what}: shape {tuple(actual.shape)}, expected {tuple(expected64.shape)}"
-    ulp, atol = grad_tolerances(actual.dtype)
-    want = expected64.to(actual.dtype).to(torch.float64)
-    got = actual.detach().to(torch.float64)
-    bound = atol + (rtol + ulp) * want.abs()
-    ok = ((got - want).abs() <= bound) | (got == want) | (got.isnan() & want.isnan())
-    if bool(ok.all()):
-        return None
-    index = int((~ok).reshape(-1).nonzero()[0])
-    return (
-        f"{what} ({actual.dtype}, shape {tuple(actual.shape)}): {int((~ok).sum())} of {ok.numel()} elements "
-        f"differ, first at flat index {index}: got {got.reshape(-1)[index].item()!r}, expected "
-        f"{want.reshape(-1)[index].item()!r} (float64 {expected64.reshape(-1)[index].item()!r}, rtol {rtol:.2e})"
-    )
-
-
-def stat_mismatch(actual: Tensor, expected: float, rtol: float, atol: float, what: str) -> str | None:
-    """Why the statistic ``actual`` is neither the float64 ``expected`` rounded to fp32 (inf above fp32's max)
-    nor, if it is held in a wider dtype, ``expected`` itself."""
-    got = float(actual)
-    want = float(torch.tensor(expected, dtype=torch.float32))
-    if got == want or (math.isnan(got) and math.isnan(want)):
-        return None
-    if math.isfinite(want) and math.isfinite(got) and abs(got - want) <= atol + rtol * abs(want):
-        return None
-    if math.isfinite(got) and abs(got - expected) <= atol + rtol * abs(expected):  # a wider statistic
-        return None
-    return f"{what}: got {got!r}, expected {want!r} (float64 {expected!r}, rtol {rtol:.2e}, atol {atol:.2e})"
-
-
-class GradsDiffer(AssertionError):
-    """The grads after the call are not the reference's."""
-
-
-class StatsDiffer(AssertionError):
-    """The grads are right, but a ClipStats field is not."""
-
-
-class ReturnDiffers(AssertionError):
-    """The call returned the wrong kind of thing (None for stats, or stats for ``with_stats=False``)."""
-
-
-_CRASH_KINDS: dict[str, type[AssertionError]] = {}
-
-
-def crash(error: Exception, context: str) -> AssertionError:
-    """An AssertionError for an exception the library raised, of a class per kind of message (numbers and
-    shapes masked): hypothesis then reports crashes with different messages as distinct bugs, even when they
-    come from one line of the library."""
-    message = re.sub(r"[-0-9]+", "N", re.sub(r"\[[^\]]*\]", "[...]", str(error)))
-    key = f"{type(error).__name__}: {message[:160]}"
-    kind = _CRASH_KINDS.setdefault(
-        key, type(f"Crash{len(_CRASH_KINDS)}", (AssertionError,), {"__doc__": key})
-    )
-    return kind(f"{context}: the call raised {type(error).__name__}: {error}")
-
-
-def flag_mismatch(stats: ClipStats, outcome: Outcome) -> tuple[type[AssertionError], list[str]] | None:
-    """``with_stats='clipped'`` on 'value': NaN norms (not measured; a call that finds no grads returns
-    ``ClipStats.empty()``, zeros), and a ``clipped_fraction`` of 1.0 exactly where the reference clipped an
-    element (either where the reference norm is NaN: a max holding NaN reads false)."""
-    problems = []
-    norms = (float(stats.grad_norm), float(stats.clipped_grad_norm))
-    empty = outcome.grad_norm == 0 and norms == (0.0, 0.0)
-    if not (empty or all(math.isnan(norm) for norm in norms)):
-        problems.append(f"norms: got {norms}, expected NaN (not measured)")
-    low, high = outcome.fraction
-    either = math.isnan(outcome.grad_norm) or low == 0 < high
-    allowed = {0.0, 1.0} if either else {float(low > 0)}
-    if float(stats.clipped_fraction) not in allowed:
-        problems.append(f"clipped flag: got {float(stats.clipped_fraction)}, expected one of {allowed}")
-    return (StatsDiffer, problems) if problems else None
-
-
-def outcome_mismatch(
-    params: list[nn.Parameter],
-    stats: ClipStats | None,
-    outcome: Outcome,
-    rtol: float,
-    atol: float,
-    with_stats: bool | str = True,
-    flag_only: bool = False,
-) -> tuple[type[AssertionError], list[str]] | None:
-    """The first kind of difference between the state after the call and ``outcome``, with every
-    difference of that kind; None if they match."""
-    grads = []
-    if outcome.grads is None:
-        grads = [f"grad {i}: not None on a skipped step" for i, p in enumerate(params) if p.grad is not None]
-    else:
-        for i, (param, want) in enumerate(zip(params, outcome.grads, strict=True)):
-            if param.grad is None:
-                grads.append(f"grad {i}: None, expected a clipped grad")
-            elif (why := mismatch(param.grad, want, rtol, f"grad {i}")) is not None:
-                grads.append(why)
-    if grads:
-        return GradsDiffer, grads
-    if not with_stats and not outcome.skipped:
-        return None if stats is None else (ReturnDiffers, [f"with_stats=False returned {stats!r}"])
-    if stats is None:
-        return ReturnDiffers, ["no ClipStats returned"]
-    if flag_only and not outcome.skipped:
-        return flag_mismatch(stats, outcome)
-    problems = []
-    if bool(stats.skipped) != outcome.skipped:
-        problems.append(f"skipped: got {stats.skipped}, expected {outcome.skipped}")
-    # the norm after clipping is that of grads rounded to their dtype: one more ulp of the coarsest one
-    ulp = max((grad_tolerances(p.dtype)[0] for p in params), default=0.0)
-    for what, value, tol in (
-        ("grad_norm", outcome.grad_norm, rtol),
-        ("clipped_grad_norm", outcome.clipped_grad_norm, rtol + ulp),
-    ):
-        if (why := stat_mismatch(getattr(stats, what), value, tol, atol, what)) is not None:
-            problems.append(why)
-    low, high = outcome.fraction
-    fraction = float(stats.clipped_fraction)
-    if not low * (1 - 1e-6) - 1e-7 <= fraction <= high * (1 + 1e-6) + 1e-7:
-        problems.append(f"clipped_fraction: got {fraction!r}, expected within [{low!r}, {high!r}]")
-    return (StatsDiffer, problems) if problems else None
-
-
-def assert_matches_one(
-    params: list[nn.Parameter],
-    stats: ClipStats | None,
-    outcomes: list[Outcome],
-    rtol: float,
-    atol: float,
-    with_stats: bool | str = True,
-    context: str = "",
-    flag_only: bool = False,
-) -> None:
-    """The call's result matches one of ``outcomes`` (several where a decision is within rounding).
-
-    Each kind of difference raises its own exception type, so that hypothesis reports grads, stats and
-    return-value failures as distinct bugs.
-    """
-    reports = [outcome_mismatch(params, stats, o, rtol, atol, with_stats, flag_only) for o in outcomes]
-    if any(r is None for r in reports):
-        return
-    kind, problems = reports[0]
-    raise kind(f"{context}: differs from the float64 reference:\n  " + "\n  ".join(problems[:8]))
-
-
-# =========================================================================================================
-# Strategies: random model-like parameter lists
-# =========================================================================================================
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One parameter: grads ``N(0, 1)·10^scale_exp`` drawn in float64 and cast to ``dtype`` (so fp16 may hold
-    inf and 0), weights ``N(0, 1)·10^weight_exp`` (``None``: zeros, AGC's ε floor). ``layout``:
-    'contiguous', 'transposed' (a transposed view, 2+ dims) or 'sliced' (every other element of the last dim)."""
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    scale_exp: int
-    weight_exp: int | None
-    layout: str
-    has_grad: bool
-    seed: int
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Parameters passed as ``form`` ('list', 'pairs', 'iterator', 'module' or 'tensor'), in ``order``
-    (indices into ``tensors``; a repeated index passes one Parameter twice)."""
-
-    tensors: tuple[TensorSpec, ...]
-    order: tuple[int, ...]
-    form: str
-
-
-def shape_for(draw: st.DrawFn, numel: int, ndim: int) -> tuple[int, ...]:
-    """A shape of ``ndim`` dims (0-D only for one element) and exactly ``numel`` elements: dims split off
-    as random divisors."""
-    if ndim == 0:
-        return ()
-    if numel == 0:
-        dims = [draw(st.integers(1, 5)) for _ in range(ndim)]
-        dims[draw(st.integers(0, ndim - 1))] = 0
-        return tuple(dims)
-    dims, rest = [], numel
-    for _ in range(ndim - 1):
-        divisors = [d for d in range(1, math.isqrt(rest) + 1) if rest % d == 0]
-        divisors += [rest // d for d in divisors]
-        d = draw(st.sampled_from(sorted(set(divisors))))
-        dims.append(d)
-        rest //= d
-    dims.append(rest)
-    return tuple(draw(st.permutations(dims)))
-
-
-def draw_numel(draw: st.DrawFn, allow_large: bool) -> int:
-    """Small (30 %), a boundary size ± a few (40 %), or a size between boundaries (log-uniform from
-    256, 30 %); sizes from ``LARGE_NUMEL`` on only when allowed."""
-    kind = draw(st.integers(0, 9))
-    if kind < 3:
-        return draw(st.integers(0, 40))
-    if kind >= 7:
-        exponent = draw(st.integers(8, LARGE_NUMEL.bit_length() - 2))
-        return draw(st.integers(1 << exponent, 2 << exponent))
-    sizes = [s for s in BOUNDARY_SIZES if allow_large or s < LARGE_NUMEL]
-    return max(0, draw(st.sampled_from(sizes)) + draw(st.sampled_from(BOUNDARY_OFFSETS)))
-
-
-@st.composite
-def tensor_specs(
-    draw: st.DrawFn, dtype: torch.dtype | None, allow_large: bool, scale_exps: tuple[int, int]
-) -> TensorSpec:
-    numel = draw_numel(draw, allow_large)
-    ndim = 0 if numel == 1 and draw(st.booleans()) else draw(st.integers(1, 4))
-    shape = shape_for(draw, numel, ndim)
-    layouts = ["contiguous", "sliced"] if ndim >= 1 else ["contiguous"]
-    if ndim >= 2:
-        layouts.append("transposed")
-    dtype = dtype if dtype is not None else draw(st.sampled_from(FLOAT_DTYPES))
-    high = scale_exps[1] if dtype == torch.float64 else min(scale_exps[1], FP32_SUM_SAFE_EXP)
-    return TensorSpec(
-        shape=shape,
-        dtype=dtype,
-        scale_exp=draw(st.integers(min(scale_exps[0], high), high)),
-        weight_exp=draw(st.one_of(st.none(), st.integers(-3, 3))),
-        layout=draw(st.sampled_from(layouts)),
-        has_grad=draw(st.integers(0, 9)) > 0,
-        seed=draw(st.integers(0, 2**31 - 1)),
-    )
-
-
-@st.composite
-def model_specs(
-    draw: st.DrawFn, scale_exps: tuple[int, int] = (-30, 30), max_tensors: int = 6, large: bool = True
-) -> ModelSpec:
-    """1..``max_tensors`` tensors, one dtype or mixed, at most one of ``LARGE_NUMEL`` or more elements
-    (none unless ``large``)."""
-    count = draw(st.integers(1, max_tensors))
-    dtype = None if draw(st.booleans()) else draw(st.sampled_from(FLOAT_DTYPES))
-    large_at = draw(st.integers(0, 9 * count)) if large and draw(st.integers(0, 9)) == 9 else -1
-    tensors = tuple(draw(tensor_specs(dtype, i == large_at, scale_exps)) for i in range(count))
-    order = list(range(count))
-    if draw(st.integers(0, 4)) == 0:  # a shared tensor: the same Parameter passed twice
-        order.insert(draw(st.integers(0, count)), draw(st.integers(0, count - 1)))
-    forms = ["list", "pairs", "iterator", "module"] + (["tensor"] if count == 1 and len(order) == 1 else [])
-    return ModelSpec(tensors, tuple(order), draw(st.sampled_from(forms)))
-
-
-def grad_values(spec: TensorSpec, scale_exp: int, seed: int) -> Tensor:
-    """A grad for ``spec`` in its layout: allocated in the grad's dtype, then viewed (transposed/sliced)."""
-    gen = torch.Generator().manual_seed(seed)
-    shape = list(spec.shape)
-    if spec.layout == "transposed":
-        shape[-2], shape[-1] = shape[-1], shape[-2]
-    elif spec.layout == "sliced":
-        shape[-1] *= 2
-    values = (torch.randn(shape, generator=gen, dtype=torch.float64) * 10.0**scale_exp).to(spec.dtype)
-    if spec.layout == "transposed":
-        return values.transpose(-1, -2)
-    if spec.layout == "sliced":
-        return values[..., ::2]
-    return values
-
-
-def make_params(model: ModelSpec) -> tuple[list[nn.Parameter], Callable[[], Any]]:
-    """The distinct parameters (in first-use order), and a function that makes the ``parameters`` argument
-    passing them in ``model.form`` (afresh each call: an iterator is spent after one use)."""
-    distinct: list[nn.Parameter] = []
-    for spec in model.tensors:
-        gen = torch.Generator().manual_seed(spec.seed + 1)
-        weight = torch.zeros(spec.shape, dtype=torch.float64)
-        if spec.weight_exp is not None:
-            weight = torch.randn(spec.shape, generator=gen, dtype=torch.float64) * 10.0**spec.weight_exp
-        param = nn.Parameter(weight.to(spec.dtype))
-        if spec.has_grad:
-            param.grad = grad_values(spec, spec.scale_exp, spec.seed)
-        distinct.append(param)
-    passed = [distinct[i] for i in model.order]
-    module = nn.Module()
-    for k, param in enumerate(passed):
-        module.register_parameter(f"p{k}", param)
-    forms: dict[str, Callable[[], Any]] = {
-        "list": lambda: passed,
-        "pairs": lambda: [(f"p{i}", distinct[i]) for i in model.order],
-        "iterator": lambda: iter(passed),
-        "tensor": lambda: passed[0],
-        "module": lambda: module,
-    }
-    return distinct, forms[model.form]
-
-
-def with_grads(params: list[nn.Parameter]) -> list[nn.Parameter]:
-    return [p for p in params if p.grad is not None]
-
-
-def float64_grads(params: list[nn.Parameter]) -> list[Tensor]:
-    return [p.grad.detach().to(torch.float64) for p in params]
-
-
-def total_numel(params: list[nn.Parameter]) -> int:
-    return sum(p.numel() for p in params)
-
-
-def twins(params: list[nn.Parameter]) -> list[nn.Parameter]:
-    """Independent copies (weights and grads) for torch's clipping."""
-    copies = []
-    for param in params:
-        copy = nn.Parameter(param.detach().clone())
-        copy.grad = param.grad.detach().clone()
-        copies.append(copy)
-    return copies
-
-
-def flat_to_index(position: int, shape: torch.Size) -> tuple[int, ...]:
-    """The index of element ``position`` of a tensor of ``shape`` in row-major order."""
-    index = []
-    for size in reversed(shape):
-        position, rest = divmod(position, size)
-        index.append(rest)
-    return tuple(reversed(index))
-
-
-def all_finite(grads: list[Tensor]) -> bool:
-    return all(bool(torch.isfinite(g).all()) for g in grads)
-
-
-# =========================================================================================================
-# Torch oracle
-# =========================================================================================================
-
-
-@dataclass
-class TorchResult:
-    """torch's ``clip_grad_norm_`` on copies: its total norm and grads, and whether
-    ``error_if_nonfinite=True`` raised (then ``grads`` are its untouched copies)."""
-
-    norm: float
-    grads: list[Tensor]
-    raises: bool = False
-    grads_after_raise: list[Tensor] = field(default_factory=list)
-
-
-def torch_norm_clip(params: list[nn.Parameter], threshold: float, norm_type: float) -> TorchResult | None:
-    """torch's clipping of copies of ``params`` (None where torch itself cannot run on them)."""
-    copies = twins(params)
-    try:
-        norm = torch.nn.utils.clip_grad_norm_(copies, threshold, norm_type)
-    except RuntimeError:  # e.g. an inf-norm of empty tensors in some versions
-        return None
-    result = TorchResult(float(norm), [c.grad for c in copies])
-    strict = twins(params)
-    try:
-        torch.nn.utils.clip_grad_norm_(strict, threshold, norm_type, error_if_nonfinite=True)
-    except RuntimeError as error:
-        assert "non-finite" in str(error)
-        result.raises = True
-    result.grads_after_raise = [c.grad for c in strict]
-    return result
-
-
-# =========================================================================================================
 # Fuzz tests
 # =========================================================================================================
-
-
-@dataclass(frozen=True)
-class StatelessCase:
-    model: ModelSpec
-    clipping_type: str
-    threshold: float
-    norm_type: float
-    eps: float | None
-    nonfinite: str
-    error_if_nonfinite: bool
-    with_stats: bool | str
-    inject: tuple[
-        tuple[int, int, float], ...
-    ]  # (tensor index, flat position, inf/-inf/NaN) written into grads
-
-
-@st.composite
-def thresholds(draw: st.DrawFn) -> float:
-    return draw(st.sampled_from([1.0, 2.5, 7.0])) * 10.0 ** draw(st.integers(-3, 3))
-
-
-@st.composite
-def stateless_cases(
-    draw: st.DrawFn,
-    inject: bool = False,
-    scale_exps: tuple[int, int] = (-30, 30),
-    plain: bool = False,
-    types: tuple[str, ...] = ("norm", "value", "adaptive", "norm"),
-) -> StatelessCase:
-    """A stateless call; ``plain``: with stats and no nonfinite handling (so that other bugs do not hide
-    the crashes behind them)."""
-    model = draw(model_specs(scale_exps=scale_exps))
-    clipping_type = draw(st.sampled_from(types))
-    nonfinite = "propagate" if plain else draw(st.sampled_from(NONFINITE_MODES))
-    injected = []
-    if inject:
-        for _ in range(draw(st.integers(1, 3))):
-            index = draw(st.integers(0, len(model.tensors) - 1))
-            numel = math.prod(model.tensors[index].shape)
-            if numel and model.tensors[index].has_grad:
-                value = draw(st.sampled_from([math.inf, -math.inf, math.nan]))
-                injected.append((index, draw(st.integers(0, numel - 1)), value))
-    return StatelessCase(
-        model=model,
-        clipping_type=clipping_type,
-        threshold=draw(thresholds()),
-        norm_type=draw(st.sampled_from([2.0, 1.0, math.inf, 3.0, 0.5])),
-        eps=draw(st.one_of(st.none(), st.sampled_from([1e-6, 1e-3, 0.1]))),
-        nonfinite=nonfinite,
-        error_if_nonfinite=not plain and nonfinite in ("propagate", "error") and draw(st.booleans()),
-        with_stats=True if plain else draw(st.sampled_from([True, True, True, False, "clipped"])),
-        inject=tuple(injected),
-    )
 
 
 def call_options(case: StatelessCase) -> dict[str, Any]:
@@ -965,53 +266,6 @@ def test_nonfinite_modes_on_injected_inf_and_nan(case: StatelessCase) -> None:
     run_stateless(case)
 
 
-@dataclass(frozen=True)
-class StatefulCase:
-    model: ModelSpec
-    clipping_type: str
-    threshold: float
-    options: tuple[tuple[str, Any], ...]
-    skip_spikes: float | None
-    spike_window: int
-    step_exps: tuple[int, ...]  # every grad of step t is N(0, 1)·10^(scale_exp + step_exps[t])
-
-
-@st.composite
-def stateful_cases(draw: st.DrawFn) -> StatefulCase:
-    model = draw(model_specs(scale_exps=(-20, 20), max_tensors=4, large=False))
-    clipping_type = draw(st.sampled_from(["quantile", "zscore", "adagc", "norm", "value", "adaptive"]))
-    options: list[tuple[str, Any]] = []
-    if clipping_type == "quantile":
-        options = [
-            ("percentile", draw(st.sampled_from([10.0, 1.0, 50.0, 90.0, 100.0]))),
-            ("window", draw(st.integers(2, 6))),
-        ]
-    elif clipping_type == "zscore":
-        options = [
-            ("alpha", draw(st.sampled_from([0.97, 0.5, 0.1]))),
-            ("z_threshold", draw(st.sampled_from([2.5, 1.0, 0.5]))),
-            ("warmup_steps", draw(st.integers(2, 4))),
-        ]
-    elif clipping_type == "adagc":
-        options = [
-            ("relative_threshold", draw(st.sampled_from([1.05, 0.5, 2.0]))),
-            ("beta", draw(st.sampled_from([0.98, 0.5]))),
-            ("warmup_steps", draw(st.integers(1, 3))),
-        ]
-    stateless = clipping_type in ("norm", "value", "adaptive")
-    skip_spikes = draw(st.sampled_from([1.0, 3.0])) if stateless or draw(st.booleans()) else None
-    steps = draw(st.integers(3, 8))
-    return StatefulCase(
-        model=model,
-        clipping_type=clipping_type,
-        threshold=draw(st.one_of(thresholds(), st.just(math.inf))) if not stateless else draw(thresholds()),
-        options=tuple(options),
-        skip_spikes=skip_spikes,
-        spike_window=draw(st.integers(4, 6)),
-        step_exps=tuple(draw(st.integers(-2, 6)) for _ in range(steps)),
-    )
-
-
 def stateful_rule_reference(
     case: StatefulCase, params: list[nn.Parameter]
 ) -> Callable[[list[Tensor], float], list[Outcome]]:
@@ -1080,57 +334,6 @@ def test_stateful_types_match_float64_reference_loop(case: StatefulCase) -> None
             return
 
 
-# =========================================================================================================
-# Pinned failures: cases the fuzz found, as plain tests
-# =========================================================================================================
-
-
-def linear_model() -> nn.Sequential:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(100, 100), nn.ReLU(), nn.Linear(100, 1))
-    model(torch.randn(8, 100)).square().sum().backward()
-    return model
-
-
-def assert_same_as_torch_norm(model: nn.Module, threshold: float, norm_type: float, **options: Any) -> None:
-    params = with_grads(list(model.parameters()))
-    oracle = torch_norm_clip(params, threshold, norm_type)
-    assert oracle is not None and math.isfinite(oracle.norm)
-    stats = apply_gradient_clipping(model, "norm", threshold, norm_type=norm_type, **options)
-    assert stats is not None
-    assert float(stats.grad_norm) == pytest.approx(oracle.norm, rel=1e-5)
-    for param, want in zip(params, oracle.grads, strict=True):
-        torch.testing.assert_close(param.grad, want, rtol=1e-5, atol=0)
-
-
-@dataclass(frozen=True)
-class FoldCase:
-    model: ModelSpec
-    norm_type: float
-    threshold: float
-    nonfinite: str
-    nan_step: int | None
-
-
-@st.composite
-def fold_cases(draw: st.DrawFn) -> FoldCase:
-    """Parameter lists the fused optimizers take (float32 and float64; no shared tensor), norm clipping
-    at a drawn p and threshold, and maybe a NaN grad on one step with ``nonfinite='skip'``."""
-    model = draw(model_specs(scale_exps=(-4, 4), max_tensors=5, large=False))
-    tensors = tuple(
-        TensorSpec(t.shape, draw(st.sampled_from([torch.float32, torch.float64])), *astuple(t)[2:])
-        for t in model.tensors
-    )
-    nonfinite = draw(st.sampled_from(["propagate", "skip"]))
-    return FoldCase(
-        ModelSpec(tensors, tuple(range(len(tensors))), draw(st.sampled_from(["list", "pairs", "module"]))),
-        norm_type=draw(st.sampled_from([1.0, 2.0, math.inf])),
-        threshold=draw(thresholds()),
-        nonfinite=nonfinite,
-        nan_step=draw(st.sampled_from([None, 1, 2])) if nonfinite == "skip" else None,
-    )
-
-
 @FUZZ
 @given(case=fold_cases())
 def test_folded_into_fused_adamw_matches_rescaling(case: FoldCase) -> None:
@@ -1186,6 +389,29 @@ def test_folded_into_fused_adamw_matches_rescaling(case: FoldCase) -> None:
             )
         for a, b in zip(runs[1][0], runs[0][0], strict=True):
             torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+# =========================================================================================================
+# Pinned failures: cases the fuzz found, as plain tests
+# =========================================================================================================
+
+
+def linear_model() -> nn.Sequential:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(100, 100), nn.ReLU(), nn.Linear(100, 1))
+    model(torch.randn(8, 100)).square().sum().backward()
+    return model
+
+
+def assert_same_as_torch_norm(model: nn.Module, threshold: float, norm_type: float, **options: Any) -> None:
+    params = with_grads(list(model.parameters()))
+    oracle = torch_norm_clip(params, threshold, norm_type)
+    assert oracle is not None and math.isfinite(oracle.norm)
+    stats = apply_gradient_clipping(model, "norm", threshold, norm_type=norm_type, **options)
+    assert stats is not None
+    assert float(stats.grad_norm) == pytest.approx(oracle.norm, rel=1e-5)
+    for param, want in zip(params, oracle.grads, strict=True):
+        torch.testing.assert_close(param.grad, want, rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("norm_type", [2.0, math.inf])

@@ -3,31 +3,14 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import pytest
 import torch
+from references import spike_reference
 from torch import nn
 
 from gradclip_algo import GradientClipper, distributed
 from gradclip_algo.norms import power_sum
-
-
-def spike_reference(norms: Sequence[float], limit: float, window: int) -> list[bool]:
-    """Skip when n > mean + limit·std (ddof 1) of the previous ``window`` finite norms, once there are
-    max(2, window // 2) of them; a non-finite norm is always skipped; every finite norm is recorded."""
-    history: list[float] = []
-    skipped = []
-    for norm in norms:
-        spike = not math.isfinite(norm)
-        if not spike and len(history) >= max(2, window // 2):
-            mean = sum(history) / len(history)
-            std = math.sqrt(sum((x - mean) ** 2 for x in history) / (len(history) - 1))
-            spike = norm > mean + limit * std
-        skipped.append(spike)
-        if math.isfinite(norm):
-            history = [*history, norm][-window:]
-    return skipped
 
 
 def params_with_norm(norm: float) -> list[nn.Parameter]:

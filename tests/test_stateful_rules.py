@@ -1,4 +1,7 @@
-"""'quantile', 'zscore' and 'adagc' against float64 references of their papers' rules, step by step."""
+"""'quantile', 'zscore' and 'adagc' against float64 references of their papers' rules, step by step.
+
+The references are in tests/references.py; the rules across ranks are in tests/distributed_cases_layouts.py
+(``SETTINGS``: every type on every parallel set-up)."""
 
 from __future__ import annotations
 
@@ -9,13 +12,14 @@ from collections.abc import Sequence
 import pytest
 import torch
 from conftest import Guard
+from references import NORM_EPS as EPS
+from references import adagc_reference, autoclip_caps, autoclip_reference, zclip_reference
 from torch import nn
 
 from gradclip_algo import GradientClipper
 
 SHAPES = [(4, 3), (5,), (2, 2, 2)]
 SHARES = [3 / 13, 4 / 13, 12 / 13]  # each tensor's share of the global norm (squares sum to 1)
-EPS = 1e-6
 
 
 # Conversions of a tensor to a Python value: each one waits for the device.
@@ -63,87 +67,6 @@ def run_global(
         if thresholds is not None:
             assert stats.threshold is not None
             assert stats.threshold.item() == pytest.approx(thresholds[step], rel=1e-5), f"step {step}"
-
-
-# ---- float64 references, written from the papers' rules -----------------------------------------------
-
-
-def percentile(values: Sequence[float], p: float) -> float:
-    """Linear interpolation between order statistics (numpy.percentile's default)."""
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * p / 100
-    low = math.floor(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
-def cap_coef(norm: float, cap: float) -> float:
-    return cap / (norm + EPS) if norm > cap else 1.0
-
-
-def autoclip_reference(norms: Sequence[float], p: float, window: int, ceiling: float) -> list[float]:
-    return [
-        cap_coef(norm, cap) for norm, cap in zip(norms, autoclip_caps(norms, p, window, ceiling), strict=True)
-    ]
-
-
-def autoclip_caps(norms: Sequence[float], p: float, window: int, ceiling: float) -> list[float]:
-    """The threshold of every step: the percentile of the window with the current norm in it, capped."""
-    history: list[float] = []
-    caps = []
-    for norm in norms:
-        history = [*history, norm][-window:]  # the current norm enters first
-        caps.append(min(percentile(history, p), ceiling))
-    return caps
-
-
-def zclip_reference(
-    norms: Sequence[float], ceiling: float, alpha: float, z_t: float, warmup: int
-) -> tuple[list[float], list[tuple[float, float]]]:
-    """The ZClip authors' rule: warm-up buffer, then EMA of the (z-clipped) norm and its variance."""
-    buffer: list[float] = []
-    mean = var = math.nan
-    coefs, states = [], []
-    for norm in norms:
-        if len(buffer) < warmup:
-            buffer.append(norm)
-            cap = ceiling
-            mean = sum(buffer) / len(buffer)
-            var = sum((x - mean) ** 2 for x in buffer) / len(buffer)
-        else:
-            std = math.sqrt(var)
-            z = (norm - mean) / (std + EPS)
-            outlier = z > z_t
-            threshold = mean + z_t * std / (z / z_t) if outlier else math.inf
-            cap = min(threshold, ceiling)
-            x = threshold if outlier else norm
-            mean = alpha * mean + (1 - alpha) * x
-            var = alpha * var + (1 - alpha) * (x - mean) ** 2
-        coefs.append(cap_coef(norm, cap))
-        states.append((mean, var))
-    return coefs, states
-
-
-def adagc_reference(
-    tensor_norms: Sequence[Sequence[float]], lam_abs: float, lam_rel: float, beta: float, warmup: int
-) -> tuple[list[list[float]], list[list[float]]]:
-    gamma: list[float] = []
-    coefs, gammas = [], []
-    for step, norms in enumerate(tensor_norms):
-        if step < warmup:
-            h = cap_coef(math.sqrt(sum(a * a for a in norms)), lam_abs)
-            step_coefs = [h] * len(norms)
-            clipped = [a * h for a in norms]
-            gamma = clipped if step == 0 else [min(g, c) for g, c in zip(gamma, clipped, strict=True)]
-        else:
-            step_coefs = [
-                lam_rel * g / a if a > lam_rel * g else 1.0 for a, g in zip(norms, gamma, strict=True)
-            ]
-            clipped = [a * c for a, c in zip(norms, step_coefs, strict=True)]
-            gamma = [beta * g + (1 - beta) * c for g, c in zip(gamma, clipped, strict=True)]
-        coefs.append(step_coefs)
-        gammas.append(gamma)
-    return coefs, gammas
 
 
 # ---- the rules against them ----------------------------------------------------------------------------

@@ -17,26 +17,23 @@ from composer.loggers import InMemoryLogger, Logger
 from composer.models import ComposerClassifier
 from composer.utils import FSDP2Config, FSDPConfig, ParallelismConfig
 from composer.utils import dist as composer_dist
-from distributed_worker import (
+from distributed_cases_layouts import STAGES, float64_model
+from distributed_cases_nonfinite import poison, snapshot, train_with_skips
+from distributed_common import (
     CASES,
     GLOBAL_BATCH,
-    STAGES,
     WORLD_SIZE,
     Case,
     assert_close_by_name,
     backward,
     case,
-    float64_model,
     full_grads,
     gather,
     global_batch,
     make_net,
     nonfinite_errors_on_every_rank,
-    poison,
     rank_backward,
     reference_clip,
-    snapshot,
-    train_with_skips,
     wrap,
 )
 from torch import Tensor
@@ -51,7 +48,7 @@ COMPOSER_CASES: dict[str, Case] = {}
 
 def rank_loader(steps: int) -> DataLoader:
     """The global batches 0..steps-1 in order; Composer's distributed sampler hands each rank its half,
-    rows ``rank::WORLD_SIZE`` of every global batch, as ``distributed_worker.rank_batch`` does."""
+    rows ``rank::WORLD_SIZE`` of every global batch, as ``distributed_common.rank_batch`` does."""
     batches = [global_batch(step) for step in range(steps)]
     dataset = TensorDataset(torch.cat([t for t, _ in batches]), torch.cat([y for _, y in batches]))
     sampler = composer_dist.get_sampler(dataset, shuffle=False)
