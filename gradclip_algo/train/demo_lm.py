@@ -32,7 +32,7 @@ from typing import Any
 import yaml
 
 from gradclip_algo.train.calibration import Recommendation, measure, plot_calibration, recommend
-from gradclip_algo.train.lm_run import LanguageModelResult
+from gradclip_algo.train.lm_results import LanguageModelResult
 from gradclip_algo.train.run import build_parts, create_run_folder
 from gradclip_algo.train.run_config import LanguageModelTaskConfig, RunConfig, RunConfigError, load_run_config
 from gradclip_algo.train.shipped import resolve_config

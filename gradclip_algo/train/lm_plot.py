@@ -6,16 +6,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from matplotlib.axes import Axes
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
+from gradclip_algo.train.lm_results import LanguageModelResult
 from gradclip_algo.train.loss_spikes import spike_steps
-
-if TYPE_CHECKING:  # lm_run imports this module when a run ends (matplotlib only then)
-    from gradclip_algo.train.lm_run import LanguageModelResult
 
 
 def _finite(values: Sequence[float]) -> list[float]:
