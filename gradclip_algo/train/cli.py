@@ -64,6 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the config; a bad config or path exits with status 2 and one line on stderr."""
     args = parser().parse_intermixed_args(argv)
     try:
+        import composer  # noqa: F401 (checked first: with no extra installed, the line names composer's)
+
         from gradclip_algo.train.run_config import RunConfigError, load_run_config
         from gradclip_algo.train.shipped import resolve_config
         from gradclip_algo.train.training import train
