@@ -20,21 +20,11 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from gradclip_algo.train.cli import missing_dependency
+from gradclip_algo.train.cli import int_at_least, missing_dependency
 
 PROG = "gradclip-calibrate"
 MIN_STEPS = 2  # a standard deviation needs two norms
 OUTPUT_FILES = ("grad_norms.csv", "calibration.png")
-
-
-def _steps(value: str) -> int:
-    try:
-        steps = int(value)
-    except ValueError:
-        steps = 0
-    if steps < MIN_STEPS:
-        raise argparse.ArgumentTypeError(f"expected an integer >= {MIN_STEPS}, got {value!r}")
-    return steps
 
 
 def parser() -> argparse.ArgumentParser:
@@ -49,7 +39,10 @@ def parser() -> argparse.ArgumentParser:
         "config", help="run config YAML, or the name of a shipped one: demo_clipped, demo_unclipped"
     )
     parse.add_argument(
-        "--steps", type=_steps, required=True, help=f"optimizer steps to measure (>= {MIN_STEPS})"
+        "--steps",
+        type=int_at_least(MIN_STEPS),
+        required=True,
+        help=f"optimizer steps to measure (>= {MIN_STEPS})",
     )
     parse.add_argument(
         "--out",

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from gradclip_algo.extras import install_hint
 
@@ -15,14 +15,19 @@ PROG = "gradclip-train"
 PROGRESS_EVERY = 100
 
 
-def _positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value!r}")
-    return number
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer ``>= minimum``, else a one-line error naming the value."""
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            number = minimum - 1
+        if number < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value!r}")
+        return number
+
+    return parse
 
 
 def parser() -> argparse.ArgumentParser:
@@ -45,7 +50,7 @@ def parser() -> argparse.ArgumentParser:
     )
     parse.add_argument(
         "--progress-every",
-        type=_positive_int,
+        type=int_at_least(1),
         default=PROGRESS_EVERY,
         metavar="N",
         help="when stderr is not a terminal: one progress line every N steps instead of Composer's "
