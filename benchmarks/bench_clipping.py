@@ -7,6 +7,7 @@ every code path on tiny sizes in seconds (the timings then mean nothing) and wri
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -25,6 +26,7 @@ from benchmarks.cases import (
     make_model,
 )
 from benchmarks.clipper_setups import time_setups
+from benchmarks.compile_time import compile_times, compiled_graphs
 from benchmarks.host_syncs import count_syncs
 from benchmarks.implementations import FLOOR, IMPLEMENTATIONS, deviations_from_reference, floor_candidates
 from benchmarks.memory import peak_extra_bytes
@@ -33,6 +35,7 @@ from benchmarks.report import (
     CaseResult,
     Row,
     case_table,
+    compile_table,
     host_sync_table,
     machine_description,
     optimizer_step_table,
@@ -140,7 +143,9 @@ def benchmark_case(case: Case, device: torch.device, dtype: torch.dtype, setting
     # On a GPU one flat buffer of the same bytes gives the bandwidth floor; per-tensor launches would set it.
     floor_tensors = grads if device.type == "cpu" else [torch.randn(case.numel, device=device).to(dtype)]
     calls.update({(FLOOR, label): call for label, call in floor_candidates(floor_tensors).items()})
+    graphs_before = compiled_graphs()
     seconds = round_robin(calls, reset, device, settings.rounds, settings.warmup_rounds)
+    graphs = (graphs_before, compiled_graphs())
     rows = []
     for key, call in calls.items():
         reset()
@@ -151,6 +156,7 @@ def benchmark_case(case: Case, device: torch.device, dtype: torch.dtype, setting
         thresholds=thresholds,
         clipped_fraction=clipped_fraction,
         rows=rows,
+        graphs=graphs,
     )
 
 
@@ -167,12 +173,17 @@ def main(argv: list[str] | None = None) -> str:
     settings = SMOKE if args.smoke else FULL
     output = args.output or (None if args.smoke else RESULTS)
     torch.set_num_threads(CPU_THREADS)
+    start_load = os.getloadavg()
 
     tables = []
     for device, dtype in device_runs():
         for case in settings.cases:
             tables.append(case_table(benchmark_case(case, device, dtype, settings)))
             print(tables[-1], end="\n\n", flush=True)
+    if not args.smoke:  # fresh processes that compile: minutes, not seconds
+        cold, warm = compile_times(GPT2_SMALL)
+        tables.append(compile_table(GPT2_SMALL.describe(), cold, warm))
+        print(tables[-1], end="\n\n", flush=True)
     setups_seconds = time_setups(settings.setups_case, settings.rounds, settings.warmup_rounds)
     tables.append(
         setups_table(
@@ -194,7 +205,7 @@ def main(argv: list[str] | None = None) -> str:
         step_times = measure_step_overhead(run.case, run.blocks, run.steps_per_block)
         tables.append(overhead_table(run.case.describe(), step_times, run.case.targets))
         print(tables[-1], end="\n\n", flush=True)
-    markdown = results_markdown(machine_description(), tables)
+    markdown = results_markdown(machine_description(start_load), tables)
     if output is not None:
         output.write_text(markdown)
         print(f"written to {output}")

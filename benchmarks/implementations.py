@@ -13,9 +13,11 @@ from composer.algorithms.gradient_clipping.gradient_clipping import (
 from timm.utils.agc import adaptive_clip_grad as timm_adaptive_clip_grad
 from torch import Tensor, nn
 
-from gradclip_algo import apply_gradient_clipping
+from gradclip_algo import apply_gradient_clipping, compiled
 
 OURS = "gradclip_algo"
+OURS_EAGER = "gradclip_algo, eager kernels"
+"""Ours with the compiled kernels turned off (``GRADCLIP_ALGO_COMPILE=0``)."""
 OURS_WITHOUT_STATS = "gradclip_algo, with_stats=False"
 OURS_CLIPPED_FLAG = "gradclip_algo, with_stats='clipped'"
 OURS_VALUE_VARIANTS = {
@@ -42,6 +44,18 @@ def _ours(clipping_type: str) -> Implementation:
     )
 
 
+def _ours_eager(clipping_type: str) -> Implementation:
+    def clip(model: nn.Module, threshold: float) -> None:
+        devices = compiled.compiled_kernel_devices()
+        compiled.set_compiled_kernels(False)
+        try:
+            apply_gradient_clipping(model, clipping_type, threshold)
+        finally:
+            compiled.set_compiled_kernels(bool(devices), cuda="cuda" in devices)
+
+    return Implementation(OURS_EAGER, clip)
+
+
 def _composer(clipping_type: str) -> Implementation:
     """Composer's functional form, as its ``GradientClipping`` algorithm calls it outside FSDP."""
 
@@ -54,6 +68,7 @@ def _composer(clipping_type: str) -> Implementation:
 IMPLEMENTATIONS: dict[str, tuple[Implementation, ...]] = {
     "norm": (
         _ours("norm"),
+        _ours_eager("norm"),
         Implementation(
             "torch clip_grad_norm_", lambda model, t: nn.utils.clip_grad_norm_(model.parameters(), t)
         ),
@@ -61,6 +76,7 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, ...]] = {
     ),
     "value": (
         _ours("value"),
+        _ours_eager("value"),
         Implementation(
             OURS_WITHOUT_STATS,
             lambda model, threshold: apply_gradient_clipping(model, "value", threshold, with_stats=False),
@@ -76,6 +92,7 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, ...]] = {
     ),
     "adaptive": (
         _ours("adaptive"),
+        _ours_eager("adaptive"),
         _composer("adaptive"),
         Implementation(
             "timm adaptive_clip_grad", lambda model, t: timm_adaptive_clip_grad(model.parameters(), t)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.compile_time import LATER_CALLS, Compilation
 from benchmarks.implementations import FLOOR, OURS, OURS_VALUE_VARIANTS, REFERENCE
 from benchmarks.optimizer_step import (
     FOLD_FLOOR,
@@ -58,6 +59,8 @@ class CaseResult:
     thresholds: dict[str, float]
     clipped_fraction: dict[str, float]
     rows: list[Row]
+    graphs: tuple[int, int] = (0, 0)
+    """Graphs torch had compiled before the timed rounds and after them (equal: no recompile)."""
 
     def median_s(self, clipping_type: str, label: str) -> float:
         return next(r.median_s for r in self.rows if (r.clipping_type, r.label) == (clipping_type, label))
@@ -109,7 +112,35 @@ def case_table(result: CaseResult) -> str:
         "",
         f"Thresholds, and what ours clipped (norm: all or nothing; value: elements; adaptive: units): "
         f"{clipped}.",
+        "",
+        f"Graphs compiled by torch.compile in this process before the timed rounds: {result.graphs[0]}; "
+        f"during them: {result.graphs[1] - result.graphs[0]}.",
     ]
+    return "\n".join(lines)
+
+
+def compile_table(title: str, cold: list[Compilation], warm: list[Compilation]) -> str:
+    """Per clipping type: the first call in a fresh process with an empty and with a filled Inductor
+    cache, a later call, the graphs compiled, and the recompiles on other sizes."""
+    lines = [
+        f"### Compiled kernels, first calls in a fresh process: {title}, CPU float32",
+        "",
+        "| clipping | first call, empty cache, s | first call, cache on disk, s | second call, ms "
+        f"| graphs compiled | recompiles over {LATER_CALLS} calls on other sizes |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    compiled_before = 0
+    for first, again in zip(cold, warm, strict=True):
+        lines.append(
+            f"| {first.clipping_type} | {first.first_s:.1f} | {again.first_s:.1f} | {again.second_s * MS:.1f} "
+            f"| {first.graphs[0] - compiled_before} | {first.recompiles} (cache on disk: {again.recompiles}) |"
+        )
+        compiled_before = first.graphs[2]
+    lines.append(
+        "\nOne process per column; a type's first call includes importing and starting the compiler where it "
+        "is the first to compile (norm runs first). Graphs: `torch._dynamo.utils.counters['stats']"
+        "['unique_graphs']`."
+    )
     return "\n".join(lines)
 
 
@@ -283,16 +314,18 @@ def code_version() -> str:
     return f"commit {commit}" + (" with uncommitted changes" if changed else "")
 
 
-def machine_description() -> str:
-    """CPU, cores, torch threads, GPU, library versions, load average and the date."""
+def machine_description(start_load: tuple[float, ...] | None = None) -> str:
+    """CPU, cores, torch threads, GPU, library versions, load average (at the start and end) and the date."""
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
-    load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
+    loads = [("at the start", start_load)] if start_load is not None else []
+    loads.append(("at the end", os.getloadavg()))
+    load = "; ".join(f"{when}: {', '.join(f'{value:.2f}' for value in values)}" for when, values in loads)
     packages = ", ".join(f"{name} {version(name)}" for name in ("torch", "mosaicml", "timm"))
     return (
         f"- Machine: {cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
         f"GPU: {gpu}\n"
         f"- Software: Python {platform.python_version()}, {packages}; gradclip_algo at {code_version()}\n"
-        f"- Load average (1, 5, 15 min) at the end: {load}\n"
+        f"- Load average (1, 5, 15 min) {load}\n"
         f"- Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"
     )
 
@@ -344,6 +377,10 @@ How it is measured (`benchmarks/`):
 - Host syncs: the cases of the optimizer-step table on a tiny model, counted per step after the spike
   window is half full; on CUDA every synchronising call (sync debug mode), on CPU every read of a tensor
   into Python.
+- Compiled kernels: `gradclip_algo` rows run with the compiled kernels (the default on CPU),
+  `gradclip_algo, eager kernels` rows with them turned off (`set_compiled_kernels(False)`), in the same
+  rounds. Their first calls are timed in fresh processes: with an empty Inductor cache, then with the
+  cache the first process left on disk.
 - Reading the tables: `ours ÷ this` is gradclip_algo's median over this row's median, so below 1 means
   gradclip_algo is faster; on the floor row it is how many floors gradclip_algo takes.
 """

@@ -11,6 +11,7 @@ from importlib import import_module
 from typing import Any
 
 from gradclip_algo.clipper import GradientClipper
+from gradclip_algo.compiled import set_compiled_kernels
 from gradclip_algo.folding import FoldError
 from gradclip_algo.functional import apply_gradient_clipping
 from gradclip_algo.kernels import unit_norms
@@ -35,6 +36,7 @@ __all__ = [
     "clip_coefficient",
     "clip_grads_with_norm_",
     "get_total_norm",
+    "set_compiled_kernels",
     "unit_norms",
 ]
 

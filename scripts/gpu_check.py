@@ -3,10 +3,14 @@
 1. ``pytest -m cuda``: every test marked ``cuda`` (``tests/test_cuda.py``: a Composer ``Trainer`` with
    ``GradClipAlgo('norm', 1.0)`` under ``amp_bf16`` and ``amp_fp16``, no host sync when folded with
    ``skip_spikes`` under ``torch.cuda.set_sync_debug_mode('error')``, folded equals unfolded with fused
-   AdamW; and the CUDA cases of the other test files).
+   AdamW; ``tests/test_compiled_kernels.py``: the compiled (Triton) kernels equal the eager ones without a
+   host sync; and the CUDA cases of the other test files).
 2. A bounded subset of ``make bench`` on the GPU: the clipping implementations on GPT-2 small in fp32 and
-   bf16, clipping + fused AdamW step on GPT-2 small, host syncs per step; written to
-   ``benchmarks/RESULTS-gpu.md`` (or ``--output``).
+   bf16 (ours with the compiled kernels and with the eager ones), clipping + fused AdamW step on GPT-2
+   small, host syncs per step; written to ``benchmarks/RESULTS-gpu.md`` (or ``--output``).
+
+Both run with the compiled kernels on for CUDA (``GRADCLIP_ALGO_COMPILE=cuda``; by default they run on
+CPU only), so that the tables show whether they win there.
 
 Without CUDA it prints one line and exits with status 2. Exit status 1 when a test fails.
 Usage: ``python scripts/gpu_check.py [--rounds N] [--output PATH] [--skip-tests] [--skip-bench]``.
@@ -15,6 +19,7 @@ Usage: ``python scripts/gpu_check.py [--rounds N] [--output PATH] [--skip-tests]
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -24,6 +29,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
+
+from gradclip_algo import set_compiled_kernels  # noqa: E402
 
 NO_CUDA = 2
 
@@ -89,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
             "gpu-check: no CUDA device (torch.cuda.is_available() is False); nothing was run", file=sys.stderr
         )
         return NO_CUDA
+    os.environ["GRADCLIP_ALGO_COMPILE"] = "cuda"  # the tests' processes; this one:
+    set_compiled_kernels(True, cuda=True)
     start = time.perf_counter()
     status = 0 if args.skip_tests else run_tests()
     print(f"tests: exit status {status}, {time.perf_counter() - start:.0f} s", flush=True)

@@ -10,7 +10,7 @@ from conftest import MixedModel, backward_mixed, grads
 from references import agc_reference
 from torch import nn
 
-from gradclip_algo import apply_gradient_clipping, kernels
+from gradclip_algo import apply_gradient_clipping, compiled, kernels
 
 
 def as_units(tensor: torch.Tensor) -> torch.Tensor:
@@ -133,18 +133,14 @@ def test_composer_agc_freezes_zero_weights_and_ours_does_not() -> None:
     assert ours.bias.grad.abs().min().item() > 0
 
 
-@pytest.mark.parametrize(
-    ("stack_numel", "reuse_numel"),
-    [(kernels.STACK_NUMEL, kernels.CPU_REUSE_NUMEL), (5000, 1000), (5000, 399)],
-)
+@pytest.mark.parametrize("stack_numel", [kernels.STACK_NUMEL, 5000])
 def test_large_tensor_and_stacked_small_tensor_paths_match_reference(
-    monkeypatch: pytest.MonkeyPatch, stack_numel: int, reuse_numel: int
+    monkeypatch: pytest.MonkeyPatch, stack_numel: int
 ) -> None:
-    """Large tensors are clipped in place (in blocks of whole rows beyond ``CPU_REUSE_NUMEL`` elements,
-    a block smaller than one row included), many small same-shaped ones on chunked stacks; per-unit
-    statistics are summed in batches."""
+    """Eager kernels: large tensors are clipped in place, many small same-shaped ones on chunked stacks.
+    (The compiled kernels: tests/test_compiled_kernels.py.)"""
+    monkeypatch.setattr(compiled, "_devices", ())
     monkeypatch.setattr(kernels, "STACK_NUMEL", stack_numel)
-    monkeypatch.setattr(kernels, "CPU_REUSE_NUMEL", reuse_numel)
     gen = torch.Generator().manual_seed(11)
     shapes = [(300, 400), (600, 32, 32), *[(32, 32)] * 603, *[(5,)] * 40, *[()] * 7, (50000,)]
     params = [nn.Parameter(torch.randn(s, generator=gen) * 0.1) for s in shapes]

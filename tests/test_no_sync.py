@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 import torch
 from conftest import HostSyncError, MixedModel, grads, random_grads, twin
-from torch import Tensor
+from torch import Tensor, nn
 
-from gradclip_algo import GradientClipper, apply_gradient_clipping
+from gradclip_algo import GradientClipper, apply_gradient_clipping, compiled, kernels
 
 NO_SYNC_CASES = [
     pytest.param("norm", 1.0, {"norm_type": 1.0}, id="norm-p1"),
@@ -116,6 +116,37 @@ def test_a_clipper_called_every_step_does_not_sync(
             stats = clipper(mixed_model)
         apply_gradient_clipping(reference, clipping_type, 0.05)
         for got, want in zip(grads(mixed_model), grads(reference), strict=True):
+            assert torch.equal(got, want)
+        assert stats.clipped_fraction.item() > 0.0
+
+
+@pytest.mark.parametrize(
+    ("clipping_type", "with_stats"),
+    [("norm", True), ("value", True), ("value", "clipped"), ("adaptive", True)],
+)
+def test_the_compiled_kernels_do_not_sync(
+    monkeypatch: pytest.MonkeyPatch,
+    no_host_sync,
+    mixed_model: MixedModel,
+    clipping_type: str,
+    with_stats: bool | str,
+) -> None:
+    """The compiled kernels (on for this small model, with a grad of 4 rows and a partial one), called step
+    after step once compiled."""
+    monkeypatch.setattr(compiled, "_devices", ("cpu",))
+    monkeypatch.setattr(kernels, "COMPILE_MIN_NUMEL", 0)
+    model = nn.ModuleList([mixed_model, nn.Linear(128, 130)])
+    clipper = GradientClipper(clipping_type, 0.05)
+    random_grads(model)
+    reference = twin(model)
+    clipper(reference, with_stats=with_stats)  # compiles, outside the guard
+    for step in range(2):
+        random_grads(model, seed=step + 1)
+        random_grads(reference, seed=step + 1)
+        with no_host_sync():
+            stats = clipper(model, with_stats=with_stats)
+        apply_gradient_clipping(reference, clipping_type, 0.05)
+        for got, want in zip(grads(model), grads(reference), strict=True):
             assert torch.equal(got, want)
         assert stats.clipped_fraction.item() > 0.0
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import MixedModel, backward_mixed, grads, random_grads, twin
 
-from gradclip_algo import apply_gradient_clipping, kernels
+from gradclip_algo import apply_gradient_clipping, compiled, kernels
 
 
 @pytest.mark.parametrize("threshold", [1e-3, 0.05, 1.0, 1e3])
@@ -84,22 +84,27 @@ def test_without_stats_clips_the_same_and_returns_none(mixed_model: MixedModel, 
         assert torch.equal(got, want)
 
 
-# ---- clamp_with_stats_: its block and pack sizes, against torch's clamp and a float64 loop -------------
+@pytest.fixture(autouse=True)
+def _eager_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The eager kernels here; tests/test_compiled_kernels.py runs the size tests compiled."""
+    monkeypatch.setattr(compiled, "_devices", ())
 
-BLOCK = kernels.CLAMP_BLOCK_NUMEL
-SMALL = kernels.CPU_DOT_MIN_NUMEL
+
+# ---- clamp_with_stats_: its row and pack sizes, against torch's clamp and a float64 loop ---------------
+
+ROW = kernels.ROW_NUMEL
 SIZE_CASES = {
-    "one block": [BLOCK - 1],
-    "block": [BLOCK],
-    "block + 1": [BLOCK + 1],
-    "two blocks and a bit": [2 * BLOCK + 3],
-    "own below pack": [SMALL - 1, 5],
-    "own at pack limit": [SMALL, SMALL + 1, 3],
-    # 2^21 elements: packs of 8 Ki elements with statistics (pack and scratch within 1/128), 16 Ki without
+    "one short of two rows": [2 * ROW - 1],
+    "two rows": [2 * ROW],
+    "two rows and a bit": [2 * ROW + 3],
+    "rows and a tail, and small": [37 * ROW + 5, 2 * ROW - 1, 5],
+    # 2^21 elements: packs of 16 Ki elements (1/128 of them), filled exactly by 16 of these tensors
     "packs filled exactly": [1024] * ((1 << 21) // 1024),
-    # packs of 8199 and 16399 elements: one element short of 8 and of 16 of these tensors
+    # packs of 16399 elements: one element short of 16 of these tensors
     "packs one over": [1025] * 2047 + [1000],
-    "mixed": [BLOCK + 7, SMALL - 1, SMALL, 300, 1, 0, *[97] * 700],
+    # the strided first tensor is 8 rows of 12,500 elements: wider than a pack (8 Ki), cut into pieces
+    "strided wider than a pack": [100000, 7],
+    "mixed": [2 * ROW + 7, 2 * ROW - 1, 300, 1, 0, *[97] * 700],
 }
 
 
@@ -115,7 +120,7 @@ def _loop_stats(grads: list[torch.Tensor], limit: float) -> tuple[float, float, 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("case", list(SIZE_CASES))
-def test_block_and_pack_sizes_match_torch_and_a_float64_loop(case: str, dtype: torch.dtype) -> None:
+def test_row_and_pack_sizes_match_torch_and_a_float64_loop(case: str, dtype: torch.dtype) -> None:
     gen = torch.Generator().manual_seed(len(case))
     limit = 1.5
     numels = SIZE_CASES[case]
@@ -146,9 +151,9 @@ def test_block_and_pack_sizes_match_torch_and_a_float64_loop(case: str, dtype: t
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_blocks_and_packs_match_torch(dtype: torch.dtype) -> None:
+def test_half_precision_rows_and_packs_match_torch(dtype: torch.dtype) -> None:
     gen = torch.Generator().manual_seed(3)
-    grads = [torch.randn(n, generator=gen).to(dtype) for n in (BLOCK + 5, SMALL, *[33] * 2000)]
+    grads = [torch.randn(n, generator=gen).to(dtype) for n in (3 * ROW + 5, 2 * ROW - 1, *[33] * 2000)]
     grads.append(torch.randn(300, 200, generator=gen).to(dtype).t())
     want = [g.clone() for g in grads]
     torch._foreach_clamp_min_(want, -0.75)
@@ -169,7 +174,7 @@ def test_half_precision_blocks_and_packs_match_torch(dtype: torch.dtype) -> None
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", list(SIZE_CASES))
 def test_clipped_flag_is_whether_the_count_is_positive(case: str, dtype: torch.dtype) -> None:
-    """On the block and pack sizes: the grads equal torch's clamp bit for bit, the flag is 1.0 exactly
+    """On the row and pack sizes: the grads equal torch's clamp bit for bit, the flag is 1.0 exactly
     when the full statistics count an element beyond λ (one element at λ, then one just above it), and the
     norms are NaN (not measured)."""
     limit = 0.3  # not exact in any of these dtypes: the flag compares as the clamp and the count do

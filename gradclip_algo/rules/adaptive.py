@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 from torch import Tensor
 
 from gradclip_algo import kernels
 from gradclip_algo.distributed import Shards
-from gradclip_algo.norms import group_by_device_and_dtype
+from gradclip_algo.norms import group_by_device_and_dtype, sum_dtype
 from gradclip_algo.options import RuleOptions, option
 from gradclip_algo.stats import ClipStats
 from gradclip_algo.validation import check_positive_number
@@ -25,55 +24,23 @@ class AdaptiveOptions(RuleOptions):
     eps: float = option(AGC_EPS, check_positive_number)
 
 
-def agc_coefficients(grad_norms: Tensor, weight_norms: Tensor, clipping: float, eps: float) -> Tensor:
-    """``min(1, M_u / ‖G_u‖)`` with ``M_u = λ · max(‖W_u‖, ε)``: the paper's "if ‖G_u‖ > M_u" as a factor.
+def agc_coefficients(grad_norms: Tensor, weight_norms: Tensor, clipping: Tensor, eps: Tensor) -> Tensor:
+    """``min(1, M_u / ‖G_u‖)`` with ``M_u = λ · max(‖W_u‖, ε)``: the paper's "if ‖G_u‖ > M_u" as a factor;
+    ``clipping`` (λ) and ``eps`` (ε) are 0-d tensors.
 
     ``M_u > 0``, so a zero grad norm gives ``inf``, clamped to 1: no division guard is needed.
     """
-    return weight_norms.clamp(min=eps).mul_(clipping).div_(grad_norms).clamp_(max=1.0)
+    return torch.clamp(torch.maximum(weight_norms, eps) * clipping / grad_norms, max=1.0)
 
 
-class _UnitStatsSum:
-    """``[Σ‖G_u‖², Σ(c_u‖G_u‖)², #units clipped, #units]`` (float32, float64 for float64 grads) of many
-    parts, summed.
-
-    Parts are held until they have ``limit`` units, then reduced together: a few tiny ops per batch of
-    parts instead of per part, in memory bounded by ``limit``.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.limit = max(1, limit)
-        self.held: list[tuple[Tensor, Tensor]] = []
-        self.units = 0
-        self.reduced: list[Tensor] = []
-
-    def add(self, grad_norms: Tensor, coef: Tensor) -> None:
-        self.held.append((grad_norms.reshape(-1), coef.reshape(-1)))
-        self.units += coef.numel()
-        if self.units >= self.limit:
-            self._reduce()
-
-    def _reduce(self) -> None:
-        norms, coefs = (torch.cat(parts) for parts in zip(*self.held, strict=True))
-        dtype = torch.promote_types(norms.dtype, torch.float32)  # float64 for float64 grads
-        norms, coefs = norms.to(dtype), coefs.to(dtype)
-        self.held, self.units = [], 0
-        clipped_norms = norms * coefs
-        self.reduced.append(
-            torch.stack(
-                [
-                    torch.dot(norms, norms),
-                    torch.dot(clipped_norms, clipped_norms),
-                    (coefs < 1.0).sum().to(dtype),
-                    torch.full((), float(coefs.numel()), dtype=dtype, device=coefs.device),
-                ]
-            )
-        )
-
-    def total(self, device: torch.device) -> Tensor:
-        if self.held:
-            self._reduce()
-        return torch.stack(self.reduced).to(device).sum(0) if self.reduced else torch.zeros(4, device=device)
+def _parameters(
+    clipping: float, eps: float, device: torch.device, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """λ and ε as 0-d tensors of the norms' dtype on ``device``, for :func:`agc_coefficients`."""
+    return (
+        torch.full((), clipping, dtype=dtype, device=device),
+        torch.full((), eps, dtype=dtype, device=device),
+    )
 
 
 def adaptive_clip(shards: Shards, clipping: float, options: AdaptiveOptions) -> ClipStats:
@@ -89,50 +56,64 @@ def adaptive_clip(shards: Shards, clipping: float, options: AdaptiveOptions) -> 
             "clipping_type='adaptive' under FSDP1: its flat shards split AGC's units (rows, filters) "
             "across ranks; use FSDP2 (fully_shard), which keeps each unit on one rank, or DDP"
         )
-    coefficient = partial(agc_coefficients, clipping=clipping, eps=options.eps)
     whole = [i for i, units_whole in enumerate(shards.units_whole) if units_whole]
-    held = max(1, sum(shards.grads[i].numel() for i in whole) // (kernels.MEMORY_SHARE * 4))
-    # unit statistics summed per way the tensors are split (Shards.reduction; 0: whole on this rank)
-    sums = {way: _UnitStatsSum(held) for way in {*shards.reduction, *shards.unit_reduction}}
+    dtype = sum_dtype(shards.grads)
+    # unit statistics [Σ‖G_u‖², Σ(c_u‖G_u‖)², units clipped, units] summed per way the tensors are split
+    # (Shards.reduction; 0: whole on this rank)
+    sums: dict[int, list[Tensor]] = {way: [] for way in {*shards.reduction, *shards.unit_reduction}}
     spread = [i for i, units_whole in enumerate(shards.units_whole) if not units_whole]
     if spread:
-        for i, (grad_norms, coef) in zip(
-            spread, _clip_spread_units_(shards, spread, coefficient), strict=True
+        for i, part in zip(
+            spread, _clip_spread_units_(shards, spread, clipping, options.eps, dtype), strict=True
         ):
-            sums[shards.unit_reduction[i]].add(grad_norms, coef)
+            sums[shards.unit_reduction[i]].append(part)
     for indices in group_by_device_and_dtype([shards.grads[i] for i in whole]).values():
         chosen = [whole[j] for j in indices]
+        first = shards.grads[chosen[0]]
+        params = _parameters(clipping, options.eps, first.device, kernels.accumulation_dtype(first.dtype))
         for way in sorted({shards.reduction[i] for i in chosen}):
             part = [i for i in chosen if shards.reduction[i] == way]
             grads, weights = [shards.grads[i] for i in part], [shards.params[i] for i in part]
-            for grad_norms, coef in kernels.scale_units_(grads, weights, coefficient):
-                sums[way].add(grad_norms, coef)
+            unit_sums, units = kernels.scale_units_(grads, weights, agc_coefficients, params)
+            sums[way].append(_with_units(unit_sums, units, shards.device, dtype))
     ways = sorted(sums)
     local = (
-        torch.stack([sums[way].total(shards.device) for way in ways])
+        torch.stack([_total(sums[way], shards.device, dtype) for way in ways])
         if ways
-        else torch.zeros(0, 4, device=shards.device)
+        else torch.zeros(0, 4, dtype=dtype, device=shards.device)
     )
     before, after, clipped, units = shards.total(local, partial=ways).unbind()
     return ClipStats(before.sqrt(), after.sqrt(), clipped / units.clamp(min=1))
 
 
+def _with_units(unit_sums: Tensor, units: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """``[Σ‖G_u‖², Σ(c_u‖G_u‖)², units clipped, units]`` in ``dtype`` on ``device``."""
+    count = torch.full((1,), float(units), dtype=dtype, device=device)
+    return torch.cat([unit_sums.to(device, dtype), count])
+
+
+def _total(parts: list[Tensor], device: torch.device, dtype: torch.dtype) -> Tensor:
+    return torch.stack(parts).sum(0) if parts else torch.zeros(4, dtype=dtype, device=device)
+
+
 def _clip_spread_units_(
-    shards: Shards, indices: list[int], coefficient: kernels.UnitCoefficient
-) -> list[tuple[Tensor, Tensor]]:
+    shards: Shards, indices: list[int], clipping: float, eps: float, dtype: torch.dtype
+) -> list[Tensor]:
     """Clip the tensors whose units are split across ranks (sharded 0-D/1-D tensors, column-sharded
-    weights): their local unit sums of squares are summed over those ranks, all in one call; returns
-    ``(‖G_u‖, c_u)`` per tensor."""
+    weights): their local unit sums of squares are summed over those ranks, all in one call; returns the
+    unit statistics per tensor (see :func:`_with_units`)."""
     squares = [
         kernels.unit_norms(t).to(shards.device, torch.float32).square()
         for i in indices
         for t in (shards.grads[i], shards.params[i])
     ]
     norms = [s.sqrt_() for s in shards.unit_totals_([i for i in indices for _ in (0, 1)], squares)]
+    params = _parameters(clipping, eps, shards.device, torch.float32)
     results = []
     for k, i in enumerate(indices):
         grad_norms, weight_norms = norms[2 * k], norms[2 * k + 1]
-        coef = coefficient(grad_norms, weight_norms)
+        coef = agc_coefficients(grad_norms, weight_norms, *params)
         shards.grads[i].mul_(coef.to(shards.grads[i].device, shards.grads[i].dtype))
-        results.append((grad_norms, coef))
+        unit_sums = torch.stack(kernels.unit_sums(grad_norms, coef))
+        results.append(_with_units(unit_sums, grad_norms.numel(), shards.device, dtype))
     return results

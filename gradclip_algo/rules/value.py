@@ -20,15 +20,13 @@ def clamp_grads_(shards: Shards, clip_value: float) -> None:
 
 
 def clamp_grads_flagging_(shards: Shards, clip_value: float) -> torch.Tensor:
-    """:func:`clamp_grads_`, and whether it clipped anything: ``max|g| > λ`` over every grad of every rank
-    (0-d bool; compared in each grad's dtype, as the clamp and the count of :func:`clip_by_value` are),
-    the max taken in the clamping pass (:func:`~gradclip_algo.kernels.clamp_with_peak_`). A NaN element
-    does not count (a max that holds NaN reads false)."""
+    """:func:`clamp_grads_`, and whether it clipped anything: whether an element of any grad of any rank
+    has ``|g| > λ`` (0-d bool; compared in each grad's dtype, as the clamp is), counted in the clamping pass
+    (:func:`~gradclip_algo.kernels.clamp_with_stats_`). A NaN element does not count."""
     flags = []
     for indices in group_by_device_and_dtype(shards.grads).values():
-        group = [shards.grads[i] for i in indices]
-        peak = kernels.clamp_with_peak_(group, clip_value)
-        flags.append(peak.gt(clip_value).to(shards.device, torch.float32))
+        _, count, _ = kernels.clamp_with_stats_([shards.grads[i] for i in indices], clip_value)
+        flags.append(count.gt(0).to(shards.device, torch.float32))
     if not flags:  # a rank without grads still joins the reduction
         flags.append(torch.zeros((), dtype=torch.float32, device=shards.device))
     return shards.total(torch.stack(flags), maximum=True) > 0
