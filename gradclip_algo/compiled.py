@@ -13,8 +13,9 @@ gives. The eager form runs when:
 - the kernel failed to compile once (no working C++ compiler, no Triton, ...): the first failure warns,
   and that kernel runs eagerly in this process from then on.
 
-Sizes are dynamic (``torch.compile(dynamic=True)``): a kernel compiles once per dtype and device type, and
-a new tensor size does not recompile it. Callers pass dims of at least 2 (torch specialises sizes 0 and 1).
+Sizes are dynamic (``torch.compile(dynamic=True)``): a kernel compiles once per dtype and device type (on
+CPU once more for little work, on one thread), and a new tensor size does not recompile it. Callers pass
+dims of at least 2 (torch specialises sizes 0 and 1).
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def _from_environment() -> tuple[str, ...]:
 
 
 _devices = _from_environment()
-_compiled: dict[Callable[..., object], Callable[..., object]] = {}
+_compiled: dict[tuple[Callable[..., object], bool], Callable[..., object]] = {}
+"""The compiled form of each kernel, parallel (``False``) or on one thread (``True``)."""
 _failed: set[Callable[..., object]] = set()
 
 
@@ -72,15 +74,26 @@ def _compiles(kernel: Callable[..., object], device: torch.device) -> bool:
 
 
 def run(
-    kernel: Callable[..., Result], eager: Callable[..., Result], device: torch.device, *args: object
+    kernel: Callable[..., Result],
+    eager: Callable[..., Result],
+    device: torch.device,
+    *args: object,
+    parallel: bool = True,
 ) -> Result:
     """``kernel(*args)`` compiled, where compiled kernels run on ``device`` (the tensors' device), else
-    ``eager(*args)`` (which must compute the same). A compilation that fails warns once and runs ``eager``."""
+    ``eager(*args)`` (which must compute the same). A compilation that fails warns once and runs ``eager``.
+
+    ``parallel=False``: on CPU, the kernel compiled to run on one thread (a second graph): for little work,
+    where waking a second thread costs more than it saves, and much more on a busy machine.
+    """
     if not _compiles(kernel, device):
         return eager(*args)
-    compiled = _compiled.get(kernel)
+    serial = not parallel and device.type == "cpu"
+    compiled = _compiled.get((kernel, serial))
     if compiled is None:
-        compiled = _compiled[kernel] = torch.compile(kernel, dynamic=True, fullgraph=True)
+        options = {"cpp.threads": 1} if serial else None
+        compiled = torch.compile(kernel, dynamic=True, fullgraph=True, options=options)
+        _compiled[(kernel, serial)] = compiled
     try:
         return compiled(*args)  # type: ignore[return-value]
     except torch._dynamo.exc.BackendCompilerFailed as error:

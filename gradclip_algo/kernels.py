@@ -12,20 +12,19 @@ Each primitive takes tensors of one device and one dtype (callers group them; se
 
 Sums are accumulated in float32, or float64 for float64 tensors (as torch's norms are).
 
-The two that read and write every element with statistics, :func:`clamp_with_stats_` and
-:func:`scale_units_`, run one function each over a 2-D block of rows (:func:`_clamp_rows_`,
-:func:`_scale_rows_`): each row is reduced, then written. Compiled (:mod:`gradclip_algo.compiled`), it
-is one kernel that reads a row from memory once: the write finds it in cache. Eager, the same function
-runs as torch ops, a block of at most :data:`BLOCK_NUMEL` elements at a time. How tensors become rows:
+'value' with its statistics and the L2 norm run one plain torch function each over a 2-D block of rows of
+:data:`ROW_NUMEL` elements (:func:`_clamp_rows_`, :func:`_square_sums`): each row is reduced (and for
+'value' then written). Compiled (:mod:`gradclip_algo.compiled`) that is one loop over rows that reads a
+row from memory once, the write finding it in cache. The blocks (:func:`_row_blocks`): the rows of each
+contiguous tensor of at least 2 rows, then its last partial row, the smaller tensors and the strided ones,
+copied into a buffer of rows a pack at a time, zero-padded (a zero is neither counted nor adds to a sum),
+and copied back. Compiled kernels run for groups of at least :data:`COMPILE_MIN_NUMEL` elements (below
+it their compile time would not pay off); elsewhere the same functions run eagerly ('value' a block of at
+most :data:`BLOCK_NUMEL` elements at a time) or the norm is torch's foreach norm.
 
-- value: a contiguous tensor of at least 2 rows is cut into rows of :data:`ROW_NUMEL` elements; the rest
-  (its last partial row, smaller tensors, strided ones) is copied into a buffer of rows, a pack at a time,
-  zero-padded (a zero is neither counted nor adds to a sum), and copied back;
-- AGC: a row is a unit (an output row or filter); small tensors of one shape are stacked, a stack at a time.
-
-Compiled kernels run for groups of at least :data:`COMPILE_MIN_NUMEL` elements: below it their compile
-time would not pay off. Everything else is the foreach kernel torch uses. No primitive reads a tensor's
-value on the host.
+AGC runs eagerly: per tensor its unit norms, factors and one multiply, and small tensors of one shape on
+their stack, a few ops per stack instead of a few per tensor. Everything else is the foreach kernel torch
+uses. No primitive reads a tensor's value on the host.
 """
 
 from __future__ import annotations
@@ -40,31 +39,29 @@ from torch import Tensor
 from gradclip_algo import compiled
 
 ROW_NUMEL = 1 << 12
-"""'value' clips a contiguous tensor of at least ``2 * ROW_NUMEL`` elements as rows of this many (16 KiB
-of float32: the L1 cache), and gets its own one-pass clamp without statistics."""
+"""'value' and the norm take a contiguous tensor of at least ``2 * ROW_NUMEL`` elements as rows of this
+many (16 KiB of float32: the L1 cache); 'value' without statistics clamps it in one pass of its own."""
 COMPILE_MIN_NUMEL = 1 << 20
 """Compiled kernels run for a group of tensors with at least this many elements together."""
+PARALLEL_MIN_NUMEL = 1 << 18
+"""A compiled kernel runs on all of torch's threads for a block of at least this many elements, else on
+one (CPU): below it, starting the other threads costs more than they save."""
 PACK_NUMEL = 1 << 18
 """Elements of the buffer that 'value' packs small and strided tensors into (1 MiB of float32)."""
 STACK_NUMEL = 1 << 20
-"""Elements of the two buffers that AGC stacks small same-shaped weights and grads in."""
+"""Elements of the buffer that AGC stacks small same-shaped weights, then grads, in."""
 BLOCK_NUMEL = 1 << 18
-"""Eager kernels run on blocks of whole rows of at most this many elements (their temporaries)."""
+"""Eager 'value' runs on blocks of whole rows of at most this many elements (its temporaries)."""
 MEMORY_SHARE = 128
-"""A rule's buffers hold at most 1/128 of the elements of the tensors they serve (under 1 % extra memory),
-or 2 rows of ``ROW_NUMEL`` for 'value'."""
-SIZE_LIMITS = (
-    2 * ROW_NUMEL,
-    PACK_NUMEL,
-    STACK_NUMEL,
-    COMPILE_MIN_NUMEL,
-    MEMORY_SHARE * PACK_NUMEL // 4,
-)
+"""AGC's stacks hold at most 1/128 of the elements of the tensors they serve (under 1 % extra memory)."""
+PACK_SHARE = 16
+"""The pack buffer of 'value' and the norm holds at most 1/16 of the elements it serves, and at most
+:data:`PACK_NUMEL`: fewer, larger packs, each one call of a compiled kernel."""
+SIZE_LIMITS = (2 * ROW_NUMEL, PACK_SHARE * 2 * ROW_NUMEL, PACK_NUMEL, COMPILE_MIN_NUMEL, STACK_NUMEL)
 """The sizes at which a path starts or a buffer fills: the fuzz draws tensors on and around them."""
 
-UnitCoefficient = Callable[..., Tensor]
-"""``(‖G_u‖, ‖W_u‖, *params) -> c_u``: the factor of each unit from its grad and weight norms (same
-shapes) and the rule's parameters (0-d tensors on their device)."""
+UnitCoefficient = Callable[[Tensor, Tensor], Tensor]
+"""``(‖G_u‖, ‖W_u‖) -> c_u``: the factor of each unit, from its grad and weight norms (same shapes)."""
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -98,23 +95,26 @@ def power_sums(tensors: list[Tensor], norm_type: float) -> Tensor:
 def total_power_sum(tensors: list[Tensor], norm_type: float) -> Tensor:
     """``Σ_i Σ|t_i|^p`` (``max_i max|t_i|`` for p = inf), 0-d in the accumulation dtype.
 
-    ``tensors``: one device and dtype, at least one. For p = 2 the rows of each tensor (see the module's
-    docstring) go through :func:`_square_sum` where compiled kernels run; the rest, torch's foreach norm.
+    ``tensors``: one device and dtype, at least one. For p = 2 and at least :data:`COMPILE_MIN_NUMEL`
+    elements, :func:`_square_sums` of their blocks of rows (see :func:`_row_blocks`); else torch's foreach
+    norm.
     """
-    rows: list[Tensor] = []
-    rest = tensors
-    if norm_type == 2.0 and sum(t.numel() for t in tensors) >= COMPILE_MIN_NUMEL:
-        rows, rest = _rows_and_rest(tensors)
-    parts = [_run(_row_square_sums, _row_square_sums, True, block)[0] for block in rows]
-    if rest:
-        sums = _foreach_power_sums(rest, norm_type)
-        parts.append((sums.max() if math.isinf(norm_type) else sums.sum()).view(1))
-    return torch.cat(parts).sum() if len(parts) > 1 else parts[0][0]
+    total = sum(t.numel() for t in tensors)
+    if norm_type != 2.0 or total < COMPILE_MIN_NUMEL:
+        sums = _foreach_power_sums(tensors, norm_type)
+        return sums.max() if math.isinf(norm_type) else sums.sum()
+    parts = [_run(_square_sums, _square_sums, True, rows)[0] for rows in _row_blocks(tensors, total, False)]
+    return torch.cat(parts).sum()
 
 
-def _row_square_sums(rows: Tensor) -> tuple[Tensor]:
-    """``Σ row²`` of each row of the 2-D ``rows``, in the accumulation dtype."""
-    return (torch.linalg.vector_norm(rows, dim=1, dtype=accumulation_dtype(rows.dtype)).square(),)
+def _square_sums(rows: Tensor) -> tuple[Tensor]:
+    """``Σ x²`` of each row of the 2-D ``rows``, in the accumulation dtype. Compiled, a plain sum of
+    squares; eager, torch's norm squared, which needs no temporary."""
+    accumulate = accumulation_dtype(rows.dtype)
+    if torch.compiler.is_compiling():
+        values = rows.to(accumulate)
+        return ((values * values).sum(1),)
+    return (torch.linalg.vector_norm(rows, dim=1, dtype=accumulate).square(),)
 
 
 def scale_(tensors: list[Tensor], coef: Tensor) -> None:
@@ -149,10 +149,12 @@ def _run(
     """``kernel(rows, *args)`` compiled where ``compile_`` and :mod:`~gradclip_algo.compiled` allow it and
     ``rows`` is a contiguous 2-D tensor of at least 2 x 2 elements, else ``eager(rows, *args)``. Compiled,
     the tensors are passed detached (the same memory, not a view of another tensor), so that the guards
-    of a compiled kernel do not depend on the tensors ``rows`` was cut from."""
+    of a compiled kernel do not depend on the tensors ``rows`` was cut from; rows of fewer than
+    :data:`PARALLEL_MIN_NUMEL` elements go to its one-thread form."""
     if compile_ and rows.ndim == 2 and min(rows.shape) >= 2 and rows.is_contiguous():
         detached = [arg.detach() if isinstance(arg, Tensor) else arg for arg in args]
-        return compiled.run(kernel, eager, rows.device, rows.detach(), *detached)
+        parallel = rows.numel() >= PARALLEL_MIN_NUMEL
+        return compiled.run(kernel, eager, rows.device, rows.detach(), *detached, parallel=parallel)
     return eager(rows, *args)
 
 
@@ -161,18 +163,18 @@ def _run(
 
 def _clamp_rows_(rows: Tensor, bound: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Clamp the 2-D ``rows`` to ``[-bound, bound]`` in place (``bound``: 0-d, their dtype); returns per
-    row ``(Σ row², #{|row| > bound}, Σ clamped²)``, the sums in the accumulation dtype, the count int64.
+    row ``(Σ row², #{|row| > bound}, Σ clamped²)`` in the accumulation dtype.
 
     Each row is measured, then written where it holds an element beyond the bound (elsewhere the clamp
     keeps every value): the write depends on the row's count, so a compiled kernel finishes a row
     before the next."""
-    accumulate = accumulation_dtype(rows.dtype)
-    count = rows.abs().gt(bound).sum(1)
-    clamped = rows.clamp(-bound, bound)
-    before = torch.linalg.vector_norm(rows, dim=1, dtype=accumulate)
-    after = torch.linalg.vector_norm(clamped, dim=1, dtype=accumulate)
-    rows.copy_(torch.where(count.unsqueeze(1) > 0, clamped, rows))
-    return before.square(), count, after.square()
+    values = rows.to(accumulation_dtype(rows.dtype))  # rows itself where they are float32 or float64
+    limit = bound.to(values.dtype)
+    count = values.abs().gt(limit).to(values.dtype).sum(1)  # exact: a row has at most 2^24 elements
+    squares = values * values  # clamp(x)² = min(x², λ²), NaN kept
+    before, after = squares.sum(1), torch.minimum(squares, limit * limit).sum(1)  # before rows change
+    rows.copy_(torch.where(count.unsqueeze(1) > 0, values.clamp(-limit, limit), values).to(rows.dtype))
+    return before, count, after
 
 
 def _clamp_rows_in_blocks_(rows: Tensor, bound: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -195,23 +197,6 @@ def _pieces(tensor: Tensor, limit: int) -> Iterator[Tensor]:
         return
     for part in tensor:
         yield from _pieces(part, limit)
-
-
-def _rows_and_rest(tensors: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
-    """The rows views (``[k, ROW_NUMEL]``, k >= 2) of the contiguous tensors of at least 2 rows, and the
-    rest: their last partial rows and the other tensors."""
-    rows, rest = [], []
-    for tensor in tensors:
-        numel = tensor.numel()
-        if numel >= 2 * ROW_NUMEL and tensor.is_contiguous():
-            flat = tensor.view(-1)
-            whole = numel - numel % ROW_NUMEL
-            rows.append(flat[:whole].view(-1, ROW_NUMEL))
-            if whole < numel:
-                rest.append(flat[whole:])
-        else:
-            rest.append(tensor)
-    return rows, rest
 
 
 def _packs(pieces: list[Tensor], limit: int) -> Iterator[tuple[list[Tensor], tuple[int, ...], int]]:
@@ -241,6 +226,45 @@ def _packs(pieces: list[Tensor], limit: int) -> Iterator[tuple[list[Tensor], tup
             yield pack, (), size
 
 
+def _row_blocks(tensors: list[Tensor], total: int, write_back: bool) -> Iterator[Tensor]:
+    """Every element of ``tensors`` (``total`` of them) once, in 2-D blocks of rows of :data:`ROW_NUMEL`
+    elements: the rows of each contiguous tensor of at least 2 rows, then packs of the rest (their last
+    partial rows, smaller and strided tensors) copied into a buffer of rows (see :func:`_packed_rows`).
+
+    The buffer holds at most :data:`PACK_NUMEL` elements and 1/:data:`PACK_SHARE` of all (at least 2
+    rows)."""
+    capacity = max(2 * ROW_NUMEL, min(PACK_NUMEL, total // PACK_SHARE) // ROW_NUMEL * ROW_NUMEL)
+    rest: list[Tensor] = []
+    for tensor in tensors:
+        numel = tensor.numel()
+        if numel >= 2 * ROW_NUMEL and tensor.is_contiguous():
+            flat = tensor.view(-1)
+            whole = numel - numel % ROW_NUMEL
+            yield flat[:whole].view(-1, ROW_NUMEL)
+            if whole < numel:
+                rest.append(flat[whole:])
+        elif numel > capacity:
+            rest.extend(_pieces(tensor, capacity))
+        elif numel:
+            rest.append(tensor)
+    if rest:
+        yield from _packed_rows(rest, capacity, write_back)
+
+
+def _packed_rows(pieces: list[Tensor], capacity: int, write_back: bool) -> Iterator[Tensor]:
+    """``pieces`` (each of at most ``capacity`` elements) copied a pack at a time into one buffer of
+    ``capacity`` elements, zero-padded to whole rows (at least 2); with ``write_back``, a pack is copied
+    back into its pieces when the next is asked for."""
+    buffer = pieces[0].new_empty(capacity)
+    for pack, trailing, numel in _packs(pieces, capacity):
+        block = torch.cat(pack, out=buffer[:numel].view(-1, *trailing))
+        padded = max(2 * ROW_NUMEL, -(-numel // ROW_NUMEL) * ROW_NUMEL)
+        buffer[numel:padded].zero_()
+        yield buffer[:padded].view(-1, ROW_NUMEL)
+        if write_back:
+            torch._foreach_copy_(pack, block.split([piece.shape[0] for piece in pack]))
+
+
 def clamp_with_stats_(tensors: list[Tensor], limit: float) -> tuple[Tensor, Tensor, Tensor]:
     """``t ← clamp(t, -limit, limit)`` in place, as :func:`clamp_`, with the statistics of all ``tensors``
     together: ``(Σ t² before, #{|t| > limit}, Σ t² after)``, 0-d, the sums in the accumulation dtype, the
@@ -251,31 +275,18 @@ def clamp_with_stats_(tensors: list[Tensor], limit: float) -> tuple[Tensor, Tens
     buffer of rows (see the module's docstring), go through :func:`_clamp_rows_`.
     """
     first = tensors[0]
-    total = sum(t.numel() for t in tensors)
     bound = torch.full((), limit, dtype=first.dtype, device=first.device)
+    total = sum(t.numel() for t in tensors)
     compile_ = total >= COMPILE_MIN_NUMEL
-    capacity = max(2 * ROW_NUMEL, min(PACK_NUMEL, total // MEMORY_SHARE) // ROW_NUMEL * ROW_NUMEL)
-    rows, whole = _rows_and_rest(tensors)
-    rest = [piece for tensor in whole if tensor.numel() for piece in _pieces(tensor, capacity)]
-    parts = [_run(_clamp_rows_, _clamp_rows_in_blocks_, compile_, block, bound) for block in rows]
-    if rest:
-        needed = -(-sum(piece.numel() for piece in rest) // ROW_NUMEL) * ROW_NUMEL
-        buffer = first.new_empty(max(2 * ROW_NUMEL, min(capacity, needed)))
-        for pack, trailing, numel in _packs(rest, capacity):
-            block = torch.cat(pack, out=buffer[:numel].view(-1, *trailing))
-            padded = max(2 * ROW_NUMEL, -(-numel // ROW_NUMEL) * ROW_NUMEL)
-            buffer[numel:padded].zero_()
-            parts.append(
-                _run(
-                    _clamp_rows_, _clamp_rows_in_blocks_, compile_, buffer[:padded].view(-1, ROW_NUMEL), bound
-                )
-            )
-            torch._foreach_copy_(pack, block.split([piece.shape[0] for piece in pack]))
+    parts = [
+        _run(_clamp_rows_, _clamp_rows_in_blocks_, compile_, rows, bound)
+        for rows in _row_blocks(tensors, total, True)
+    ]
     if not parts:
         zero = torch.zeros((), dtype=accumulation_dtype(first.dtype), device=first.device)
         return zero, zero.to(torch.int64), zero
-    before, count, after = (torch.cat(values).sum() for values in zip(*parts, strict=True))
-    return before, count, after
+    before, count, after = (torch.cat(values) for values in zip(*parts, strict=True))
+    return before.sum(), count.to(torch.int64).sum(), after.sum()
 
 
 # ---- AGC: per-unit factors -------------------------------------------------------------------------------
@@ -309,97 +320,60 @@ def unit_sums(grad_norms: Tensor, coef: Tensor) -> tuple[Tensor, Tensor, Tensor]
     )
 
 
-def _scale_rows_(
-    grad: Tensor, weight: Tensor, coefficient: UnitCoefficient, params: tuple[Tensor, ...]
-) -> tuple[Tensor, Tensor]:
-    """``G_u ← G_u · c_u`` for every unit u = ``grad[u]`` (a row of a 2-D ``grad``; 2+ dims, each slice
-    along the first), ``c_u = coefficient(‖G_u‖, ‖W_u‖, *params)``; returns ``(‖G_u‖, c_u)``, kept
-    broadcastable, in the accumulation dtype."""
-    dims = tuple(range(1, grad.ndim))
-    accumulate = accumulation_dtype(grad.dtype)
-    grad_norms = torch.linalg.vector_norm(grad, dim=dims, keepdim=True, dtype=accumulate)
-    weight_norms = torch.linalg.vector_norm(weight, dim=dims, keepdim=True, dtype=accumulate)
-    coef = coefficient(grad_norms, weight_norms, *params)
+def _scale_units_one_(grad: Tensor, weight: Tensor, coefficient: UnitCoefficient) -> tuple[Tensor, ...]:
+    """One tensor's (or stack's) units: their norms, factors and scaling; returns :func:`unit_sums`."""
+    ndim = unit_ndim(grad)
+    grad_norms = unit_norms(grad, ndim)
+    coef = coefficient(grad_norms, unit_norms(weight, ndim))
     grad.mul_(coef)
-    return grad_norms, coef
+    return unit_sums(grad_norms, coef)
 
 
-def _as_units(*tensors: Tensor) -> list[Tensor]:
-    """``tensors`` (of one shape) with one unit per slice along the first dim: as rows where they have
-    2+ dims and are all contiguous and not empty, as they are otherwise; 0-D and 1-D ones as one row."""
-    first = tensors[0]
-    if first.ndim < 2:
-        return [t.reshape(1, 1) if t.ndim == 0 else t.unsqueeze(0) for t in tensors]
-    if first.numel() and all(t.is_contiguous() for t in tensors):
-        return [t.view(first.shape[0], -1) for t in tensors]
-    return list(tensors)
-
-
-def _stacks(grads: list[Tensor], weights: list[Tensor], stack_numel: int) -> Iterator[tuple[Tensor, Tensor]]:
-    """Stacks of at most ``stack_numel`` elements of the grads of one shape and their weights, each as
-    rows (one unit per row); yields a stack's rows and its weights' rows, and copies the
-    rows back into the grads when the next stack is asked for. Two buffers of ``stack_numel`` elements
-    hold them."""
-    shape = grads[0].shape
-    per_stack = stack_numel // shape.numel()
-    unit_numel = _as_units(grads[0])[0][0].numel()
-    grad_buffer, weight_buffer = (grads[0].new_empty(per_stack * shape.numel()) for _ in (0, 1))
-    for start in range(0, len(grads), per_stack):
-        chunk = slice(start, start + per_stack)
-        count = len(grads[chunk])
-        grad_stack = torch.stack(grads[chunk], out=grad_buffer[: count * shape.numel()].view(count, *shape))
-        weight_stack = torch.stack(
-            weights[chunk], out=weight_buffer[: count * shape.numel()].view(count, *shape)
-        )
-        yield grad_stack.view(-1, unit_numel), weight_stack.view(-1, unit_numel)
-        torch.unbind_copy(grad_stack, 0, out=grads[chunk])
+def _scale_units_stacked_(
+    grads: list[Tensor], weights: list[Tensor], coefficient: UnitCoefficient, stack: Tensor
+) -> tuple[Tensor, ...]:
+    """Units of same-shaped tensors on their stack ``stack`` (shaped ``[len(grads), *shape]``): the
+    weights' unit norms, then the grads', then the scaled grads copied back; returns :func:`unit_sums`."""
+    ndim = unit_ndim(grads[0])
+    weight_norms = unit_norms(torch.stack(weights, out=stack), ndim)
+    grad_norms = unit_norms(torch.stack(grads, out=stack), ndim)
+    coef = coefficient(grad_norms, weight_norms)
+    torch.unbind_copy(stack.mul_(coef), 0, out=grads)
+    return unit_sums(grad_norms, coef)
 
 
 def scale_units_(
-    grads: list[Tensor], weights: list[Tensor], coefficient: UnitCoefficient, params: tuple[Tensor, ...]
+    grads: list[Tensor], weights: list[Tensor], coefficient: UnitCoefficient
 ) -> tuple[Tensor, int]:
-    """``G_u ← G_u · c_u`` with ``c_u = coefficient(‖G_u‖, ‖W_u‖, *params)`` for every unit (see
-    :func:`unit_norms`) of every grad; returns ``[Σ‖G_u‖², Σ(c_u‖G_u‖)², #{c_u < 1}]`` (1-D, accumulation
-    dtype) and the number of units.
+    """``G_u ← G_u · c_u`` with ``c_u = coefficient(‖G_u‖, ‖W_u‖)`` for every unit (see :func:`unit_norms`)
+    of every grad; returns ``[Σ‖G_u‖², Σ(c_u‖G_u‖)², #{c_u < 1}]`` (1-D, accumulation dtype) and the
+    number of units.
 
-    ``grads`` and ``weights`` pair up and share one device and dtype. Non-empty tensors of at most
-    ``STACK_NUMEL / 4`` elements (and 1/(8 · MEMORY_SHARE) of all) that share their shape with others are
-    clipped on stacks of that shape; every other tensor alone.
+    ``grads`` and ``weights`` pair up and share one device and dtype. Tensors of at most ``STACK_NUMEL /
+    4`` elements (and 1/(4 · MEMORY_SHARE) of all) are clipped on stacks of one shape, a few ops per stack
+    instead of a few per tensor.
     """
-    total = sum(g.numel() for g in grads)
-    compile_ = total >= COMPILE_MIN_NUMEL
-    stack_numel = max(min(STACK_NUMEL, total // (2 * MEMORY_SHARE)), 1)
-    alone, stacked = _stack_groups(grads, stack_numel)
-    parts = []
-    units = 0
-    for i in alone:
-        rows, weight_rows = _as_units(grads[i], weights[i])
-        parts.append(
-            unit_sums(*_run(_scale_rows_, _scale_rows_, compile_, rows, weight_rows, coefficient, params))
-        )
-        units += rows.shape[0]
-    for indices in stacked:
-        for rows, weight_rows in _stacks(
-            [grads[i] for i in indices], [weights[i] for i in indices], stack_numel
-        ):
+    stack_numel = max(min(STACK_NUMEL, sum(g.numel() for g in grads) // MEMORY_SHARE), 1)
+    stackable: dict[torch.Size, list[int]] = defaultdict(list)
+    parts, units = [], 0
+    for i, grad in enumerate(grads):
+        if 0 < grad.numel() * 4 <= stack_numel:
+            stackable[grad.shape].append(i)
+        else:
+            parts.append(_scale_units_one_(grad, weights[i], coefficient))
+            units += grad.shape[0] if grad.ndim >= 2 else 1
+    buffer = grads[0].new_empty(stack_numel) if stackable else None
+    for shape, indices in stackable.items():
+        per_stack = stack_numel // shape.numel()
+        units += len(indices) * (shape[0] if len(shape) >= 2 else 1)
+        for start in range(0, len(indices), per_stack):
+            chunk = indices[start : start + per_stack]
+            stack = buffer[: len(chunk) * shape.numel()].view(len(chunk), *shape)
             parts.append(
-                unit_sums(*_run(_scale_rows_, _scale_rows_, compile_, rows, weight_rows, coefficient, params))
+                _scale_units_stacked_(
+                    [grads[i] for i in chunk], [weights[i] for i in chunk], coefficient, stack
+                )
             )
-            units += rows.shape[0]
     if not parts:
         return torch.zeros(3, dtype=accumulation_dtype(grads[0].dtype), device=grads[0].device), units
     return torch.stack([torch.stack(values).sum() for values in zip(*parts, strict=True)]), units
-
-
-def _stack_groups(grads: list[Tensor], stack_numel: int) -> tuple[list[int], list[list[int]]]:
-    """The indices of the grads clipped alone, and those of each shape clipped on stacks: non-empty grads
-    of at most ``stack_numel / 4`` elements that share their shape with others."""
-    by_shape: dict[torch.Size, list[int]] = defaultdict(list)
-    alone = []
-    for i, grad in enumerate(grads):
-        if 0 < grad.numel() * 4 <= stack_numel:
-            by_shape[grad.shape].append(i)
-        else:
-            alone.append(i)
-    alone += [indices[0] for indices in by_shape.values() if len(indices) == 1]
-    return alone, [indices for indices in by_shape.values() if len(indices) > 1]

@@ -1,13 +1,13 @@
-"""The compiled kernels (torch.compile): the float64 references and torch's clamp on drawn parameter lists,
-the same results as the eager kernels, no recompile for new sizes, and every way back to
-the eager kernels (the switch, the environment, torch.compile disabled or already running, a device
-without them, a kernel that fails to compile).
+"""The compiled kernels (torch.compile) of 'value' and the L2 norm: the float64 references and torch's
+clipping on drawn parameter lists, the same results as the eager kernels, no recompile for new sizes, and
+every way back to the eager kernels (the switch, the environment, torch.compile disabled or already
+running, a device without them, a kernel that fails to compile).
 
 Every test here runs with the compiled kernels on for the CPU and ``kernels.COMPILE_MIN_NUMEL = 0``, so
 that small tensors take the compiled paths. Each kernel compiles once per dtype in a process (sizes are
 dynamic); Inductor's on-disk cache makes later runs faster, not different. The size tests of
-tests/test_value_clipping.py and tests/test_adaptive_clipping.py (which run the eager kernels) are
-imported below and run here compiled; tests/test_no_sync.py checks that they do not sync.
+tests/test_value_clipping.py (which run the eager kernels) are imported below and run here compiled;
+tests/test_no_sync.py checks that the compiled kernels do not sync.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import torch
 from conftest import MixedModel, grads, random_grads, twin
 from fuzz_strategies import StatelessCase, stateless_cases
 from hypothesis import HealthCheck, given, settings
-from test_adaptive_clipping import test_large_tensor_and_stacked_small_tensor_paths_match_reference  # noqa: F401
 from test_fuzz import FUZZ, run_stateless
 from test_value_clipping import (  # noqa: F401
     test_clipped_flag_is_whether_the_count_is_positive,
@@ -51,10 +50,11 @@ def _graphs() -> int:
     max_examples=max(20, FUZZ.max_examples // 3),
     suppress_health_check=[*FUZZ.suppress_health_check, HealthCheck.function_scoped_fixture],
 )
-@given(case=stateless_cases(types=("value", "adaptive")))
-def test_compiled_value_and_adaptive_match_float64_reference_and_torch(case: StatelessCase) -> None:
-    """The differential fuzz of tests/test_fuzz.py for the types with compiled kernels: every dtype, layout
-    and size drawn there, against the float64 reference and torch's ``clip_grad_value_`` bit for bit."""
+@given(case=stateless_cases(types=("value", "norm")))
+def test_compiled_value_and_norm_match_float64_reference_and_torch(case: StatelessCase) -> None:
+    """The differential fuzz of tests/test_fuzz.py for the types with compiled kernels ('norm': its L2
+    norm): every dtype, layout and size drawn there, against the float64 reference and torch's
+    ``clip_grad_value_`` (bit for bit) and ``clip_grad_norm_``."""
     run_stateless(case)
 
 
@@ -73,19 +73,23 @@ def _params(
     return params
 
 
-SHAPES = [[(300, 50), (7,), (3, 5, 4), (2, 2)], [(5000, 3), (40, 40), *[(9,)] * 30], [(17, 4096), (2, 3000)]]
-"""Sizes where rows, packs and stacks differ; every width at most 4,096 (torch 2.13 compiles AGC's kernel
-once more for wider rows, once)."""
+SHAPES = [
+    [(300, 50), (7,), (3, 5, 4), (2, 2), (1100, 1000)],
+    [(5000, 3), (40, 40), *[(9,)] * 30],
+    [(17, 4096), (2, 3000), (4000, 300), (9, 4097)],
+]
+"""Sizes where rows, their parallel form, partial rows and packs differ."""
 
 
-@pytest.mark.parametrize("clipping_type", ["value", "adaptive"])
+@pytest.mark.parametrize("clipping_type", ["value", "norm"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_equals_eager_and_new_sizes_do_not_recompile(
     monkeypatch: pytest.MonkeyPatch, clipping_type: str, dtype: torch.dtype
 ) -> None:
-    """Each kernel compiles at the first call in a dtype; new sizes then reuse it. 'value' gives torch's
-    clamp bit for bit and the eager kernels' count; both types give the eager kernels' norms."""
-    threshold = 0.05 if clipping_type == "value" else 0.01
+    """Each kernel compiles at the first call in a dtype (two forms: rows of more and of fewer than
+    PARALLEL_MIN_NUMEL elements); new sizes then reuse them. 'value' gives torch's clamp bit for bit and the
+    eager kernels' count; both types give the eager kernels' norms (within float32 rounding)."""
+    threshold = 0.05 if clipping_type == "value" else 1.0
     apply_gradient_clipping(_params(SHAPES[0], dtype, 0), clipping_type, threshold)  # compiles, at most
     graphs = _graphs()
     for seed, shapes in enumerate(SHAPES):
@@ -98,7 +102,7 @@ def test_compiled_equals_eager_and_new_sizes_do_not_recompile(
             if clipping_type == "value":
                 assert torch.equal(got.grad, expected.grad)
             else:  # factors within float32 rounding: a grad within one rounding of its dtype
-                rtol = max(2e-6, torch.finfo(dtype).eps)
+                rtol = max(1e-5, torch.finfo(dtype).eps)
                 torch.testing.assert_close(got.grad, expected.grad, rtol=rtol, atol=0)
         assert float(stats.clipped_fraction) == float(want.clipped_fraction) > 0
         for name in ("grad_norm", "clipped_grad_norm"):
@@ -163,7 +167,7 @@ def test_eager_where_compiling_is_off(why: str) -> None:
             assert compiled.run(_sum_of_squares, _recorded(calls), x.device, x)[0].item() == 55.0
     else:
         assert compiled.run(_sum_of_squares, _recorded(calls), torch.device("meta"), x)[0].item() == 55.0
-    assert calls == ["eager"] and _sum_of_squares not in compiled._compiled
+    assert calls == ["eager"] and all(kernel is not _sum_of_squares for kernel, _ in compiled._compiled)
 
 
 def test_a_clipper_compiled_by_its_caller_runs_the_eager_kernels_inside() -> None:
@@ -210,14 +214,14 @@ def test_a_kernel_that_fails_to_compile_warns_once_and_runs_eagerly(monkeypatch:
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("clipping_type", ["norm", "value", "adaptive"])
+@pytest.mark.parametrize("clipping_type", ["norm", "value"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_kernels_on_cuda_equal_eager_and_do_not_sync(
     monkeypatch: pytest.MonkeyPatch, clipping_type: str, dtype: torch.dtype
 ) -> None:
     """Triton kernels: the eager kernels' grads and norms, and no synchronisation once compiled."""
     monkeypatch.setattr(compiled, "_devices", ("cpu", "cuda"))
-    threshold = {"norm": 1.0, "value": 0.05, "adaptive": 0.01}[clipping_type]
+    threshold = {"norm": 1.0, "value": 0.05}[clipping_type]
     shapes = [(5000, 3), (40, 40), *[(9,)] * 30, (17, 4096), (2, 3000)]
     params, eager = _params(shapes, dtype, 0, "cuda"), _params(shapes, dtype, 0, "cuda")
     stats = apply_gradient_clipping(params, clipping_type, threshold)

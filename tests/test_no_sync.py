@@ -122,7 +122,7 @@ def test_a_clipper_called_every_step_does_not_sync(
 
 @pytest.mark.parametrize(
     ("clipping_type", "with_stats"),
-    [("norm", True), ("value", True), ("value", "clipped"), ("adaptive", True)],
+    [("norm", True), ("value", True), ("value", "clipped")],
 )
 def test_the_compiled_kernels_do_not_sync(
     monkeypatch: pytest.MonkeyPatch,

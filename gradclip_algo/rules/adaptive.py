@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -24,23 +25,12 @@ class AdaptiveOptions(RuleOptions):
     eps: float = option(AGC_EPS, check_positive_number)
 
 
-def agc_coefficients(grad_norms: Tensor, weight_norms: Tensor, clipping: Tensor, eps: Tensor) -> Tensor:
-    """``min(1, M_u / ‖G_u‖)`` with ``M_u = λ · max(‖W_u‖, ε)``: the paper's "if ‖G_u‖ > M_u" as a factor;
-    ``clipping`` (λ) and ``eps`` (ε) are 0-d tensors.
+def agc_coefficients(grad_norms: Tensor, weight_norms: Tensor, clipping: float, eps: float) -> Tensor:
+    """``min(1, M_u / ‖G_u‖)`` with ``M_u = λ · max(‖W_u‖, ε)``: the paper's "if ‖G_u‖ > M_u" as a factor.
 
     ``M_u > 0``, so a zero grad norm gives ``inf``, clamped to 1: no division guard is needed.
     """
-    return torch.clamp(torch.maximum(weight_norms, eps) * clipping / grad_norms, max=1.0)
-
-
-def _parameters(
-    clipping: float, eps: float, device: torch.device, dtype: torch.dtype
-) -> tuple[Tensor, Tensor]:
-    """λ and ε as 0-d tensors of the norms' dtype on ``device``, for :func:`agc_coefficients`."""
-    return (
-        torch.full((), clipping, dtype=dtype, device=device),
-        torch.full((), eps, dtype=dtype, device=device),
-    )
+    return weight_norms.clamp(min=eps).mul_(clipping).div_(grad_norms).clamp_(max=1.0)
 
 
 def adaptive_clip(shards: Shards, clipping: float, options: AdaptiveOptions) -> ClipStats:
@@ -56,6 +46,7 @@ def adaptive_clip(shards: Shards, clipping: float, options: AdaptiveOptions) -> 
             "clipping_type='adaptive' under FSDP1: its flat shards split AGC's units (rows, filters) "
             "across ranks; use FSDP2 (fully_shard), which keeps each unit on one rank, or DDP"
         )
+    coefficient = partial(agc_coefficients, clipping=clipping, eps=options.eps)
     whole = [i for i, units_whole in enumerate(shards.units_whole) if units_whole]
     dtype = sum_dtype(shards.grads)
     # unit statistics [Σ‖G_u‖², Σ(c_u‖G_u‖)², units clipped, units] summed per way the tensors are split
@@ -63,18 +54,14 @@ def adaptive_clip(shards: Shards, clipping: float, options: AdaptiveOptions) -> 
     sums: dict[int, list[Tensor]] = {way: [] for way in {*shards.reduction, *shards.unit_reduction}}
     spread = [i for i, units_whole in enumerate(shards.units_whole) if not units_whole]
     if spread:
-        for i, part in zip(
-            spread, _clip_spread_units_(shards, spread, clipping, options.eps, dtype), strict=True
-        ):
+        for i, part in zip(spread, _clip_spread_units_(shards, spread, coefficient, dtype), strict=True):
             sums[shards.unit_reduction[i]].append(part)
     for indices in group_by_device_and_dtype([shards.grads[i] for i in whole]).values():
         chosen = [whole[j] for j in indices]
-        first = shards.grads[chosen[0]]
-        params = _parameters(clipping, options.eps, first.device, kernels.accumulation_dtype(first.dtype))
         for way in sorted({shards.reduction[i] for i in chosen}):
             part = [i for i in chosen if shards.reduction[i] == way]
             grads, weights = [shards.grads[i] for i in part], [shards.params[i] for i in part]
-            unit_sums, units = kernels.scale_units_(grads, weights, agc_coefficients, params)
+            unit_sums, units = kernels.scale_units_(grads, weights, coefficient)
             sums[way].append(_with_units(unit_sums, units, shards.device, dtype))
     ways = sorted(sums)
     local = (
@@ -97,7 +84,7 @@ def _total(parts: list[Tensor], device: torch.device, dtype: torch.dtype) -> Ten
 
 
 def _clip_spread_units_(
-    shards: Shards, indices: list[int], clipping: float, eps: float, dtype: torch.dtype
+    shards: Shards, indices: list[int], coefficient: kernels.UnitCoefficient, dtype: torch.dtype
 ) -> list[Tensor]:
     """Clip the tensors whose units are split across ranks (sharded 0-D/1-D tensors, column-sharded
     weights): their local unit sums of squares are summed over those ranks, all in one call; returns the
@@ -108,11 +95,10 @@ def _clip_spread_units_(
         for t in (shards.grads[i], shards.params[i])
     ]
     norms = [s.sqrt_() for s in shards.unit_totals_([i for i in indices for _ in (0, 1)], squares)]
-    params = _parameters(clipping, eps, shards.device, torch.float32)
     results = []
     for k, i in enumerate(indices):
         grad_norms, weight_norms = norms[2 * k], norms[2 * k + 1]
-        coef = agc_coefficients(grad_norms, weight_norms, *params)
+        coef = coefficient(grad_norms, weight_norms)
         shards.grads[i].mul_(coef.to(shards.grads[i].device, shards.grads[i].dtype))
         unit_sums = torch.stack(kernels.unit_sums(grad_norms, coef))
         results.append(_with_units(unit_sums, grad_norms.numel(), shards.device, dtype))
