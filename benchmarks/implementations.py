@@ -92,7 +92,6 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, ...]] = {
     ),
     "adaptive": (
         _ours("adaptive"),
-        _ours_eager("adaptive"),
         _composer("adaptive"),
         Implementation(
             "timm adaptive_clip_grad", lambda model, t: timm_adaptive_clip_grad(model.parameters(), t)

@@ -377,9 +377,9 @@ How it is measured (`benchmarks/`):
 - Host syncs: the cases of the optimizer-step table on a tiny model, counted per step after the spike
   window is half full; on CUDA every synchronising call (sync debug mode), on CPU every read of a tensor
   into Python.
-- Compiled kernels: `gradclip_algo` rows run with the compiled kernels (the default on CPU),
-  `gradclip_algo, eager kernels` rows with them turned off (`set_compiled_kernels(False)`), in the same
-  rounds. Their first calls are timed in fresh processes: with an empty Inductor cache, then with the
+- Compiled kernels: `gradclip_algo` rows run with the compiled kernels ('value' and the norm; the default
+  on CPU), `gradclip_algo, eager kernels` rows with them turned off (`set_compiled_kernels(False)`), in
+  the same rounds. Their first calls are timed in fresh processes: with an empty Inductor cache, then with the
   cache the first process left on disk.
 - Reading the tables: `ours ÷ this` is gradclip_algo's median over this row's median, so below 1 means
   gradclip_algo is faster; on the floor row it is how many floors gradclip_algo takes.

@@ -10,8 +10,9 @@ gives. The eager form runs when:
   ``set_compiled_kernels(True, cuda=True)`` adds CUDA; no other device (MPS, XPU, ...) gets them;
 - torch.compile is disabled (``TORCHDYNAMO_DISABLE=1``), or the call runs inside the caller's own compiled
   region (``torch.compiler.is_compiling()``): the caller's compiler then traces the eager code;
-- the kernel failed to compile once (no working C++ compiler, no Triton, ...): the first failure warns,
-  and that kernel runs eagerly in this process from then on.
+- the kernel failed to compile once (no working C++ compiler, no Triton, torch's limit of graphs per
+  function reached, ...): the first failure warns, and that kernel runs eagerly in this process from then
+  on.
 
 Sizes are dynamic (``torch.compile(dynamic=True)``): a kernel compiles once per dtype and device type (on
 CPU once more for little work, on one thread), and a new tensor size does not recompile it. Callers pass
@@ -96,7 +97,7 @@ def run(
         _compiled[(kernel, serial)] = compiled
     try:
         return compiled(*args)  # type: ignore[return-value]
-    except torch._dynamo.exc.BackendCompilerFailed as error:
+    except (torch._dynamo.exc.BackendCompilerFailed, torch._dynamo.exc.FailOnRecompileLimitHit) as error:
         _failed.add(kernel)
         reason = str(error).strip().splitlines()[0]
         warn_at_caller(

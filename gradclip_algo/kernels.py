@@ -46,6 +46,8 @@ COMPILE_MIN_NUMEL = 1 << 20
 PARALLEL_MIN_NUMEL = 1 << 18
 """A compiled kernel runs on all of torch's threads for a block of at least this many elements, else on
 one (CPU): below it, starting the other threads costs more than they save."""
+COMPILED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+"""The dtypes kernels are compiled for (each compiles its own graphs; float64 grads run eagerly)."""
 PACK_NUMEL = 1 << 18
 """Elements of the buffer that 'value' packs small and strided tensors into (1 MiB of float32)."""
 STACK_NUMEL = 1 << 20
@@ -147,11 +149,12 @@ def _run(
     *args: object,
 ) -> tuple[Tensor, ...]:
     """``kernel(rows, *args)`` compiled where ``compile_`` and :mod:`~gradclip_algo.compiled` allow it and
-    ``rows`` is a contiguous 2-D tensor of at least 2 x 2 elements, else ``eager(rows, *args)``. Compiled,
+    ``rows`` is a contiguous 2-D tensor of at least 2 x 2 elements of :data:`COMPILED_DTYPES`, else
+    ``eager(rows, *args)``. Compiled,
     the tensors are passed detached (the same memory, not a view of another tensor), so that the guards
     of a compiled kernel do not depend on the tensors ``rows`` was cut from; rows of fewer than
     :data:`PARALLEL_MIN_NUMEL` elements go to its one-thread form."""
-    if compile_ and rows.ndim == 2 and min(rows.shape) >= 2 and rows.is_contiguous():
+    if compile_ and rows.dtype in COMPILED_DTYPES and min(rows.shape) >= 2 and rows.is_contiguous():
         detached = [arg.detach() if isinstance(arg, Tensor) else arg for arg in args]
         parallel = rows.numel() >= PARALLEL_MIN_NUMEL
         return compiled.run(kernel, eager, rows.device, rows.detach(), *detached, parallel=parallel)
