@@ -12,15 +12,16 @@ Each primitive takes tensors of one device and one dtype (callers group them; se
 
 Sums are accumulated in float32, or float64 for float64 tensors (as torch's norms are).
 
-'value' with its statistics and the L2 norm run one plain torch function each over a 2-D block of rows of
-:data:`ROW_NUMEL` elements (:func:`_clamp_rows_`, :func:`_square_sums`): each row is reduced (and for
-'value' then written). Compiled (:mod:`gradclip_algo.compiled`) that is one loop over rows that reads a
-row from memory once, the write finding it in cache. The blocks (:func:`_row_blocks`): the rows of each
+'value' with its statistics and the L2 norm (of groups of at least :data:`NORM_ROWS_MIN_NUMEL` elements)
+work on 2-D blocks of rows of :data:`ROW_NUMEL` elements (:func:`_row_blocks`): the rows of each
 contiguous tensor of at least 2 rows, then its last partial row, the smaller tensors and the strided ones,
 copied into a buffer of rows a pack at a time, zero-padded (a zero is neither counted nor adds to a sum),
-and copied back. Compiled kernels run for groups of at least :data:`COMPILE_MIN_NUMEL` elements (below
-it their compile time would not pay off); elsewhere the same functions run eagerly ('value' a block of at
-most :data:`BLOCK_NUMEL` elements at a time) or the norm is torch's foreach norm.
+and copied back. 'value' runs one plain torch function over a block (:func:`_clamp_rows_`), each row
+measured, then clamped: compiled (:mod:`gradclip_algo.compiled`; groups of at least
+:data:`COMPILE_MIN_NUMEL` elements), one loop over rows that reads a row
+from memory once, the write finding it in cache; eager, the same as torch ops a block of
+:data:`BLOCK_NUMEL` elements at a time (:func:`_clamp_rows_eagerly_`). The norm takes torch's norm of each
+row of a block; smaller groups, torch's foreach norm.
 
 AGC runs eagerly: per tensor its unit norms, factors and one multiply, and small tensors of one shape on
 their stack, a few ops per stack instead of a few per tensor. Everything else is the foreach kernel torch
@@ -43,6 +44,9 @@ ROW_NUMEL = 1 << 12
 many (16 KiB of float32: the L1 cache); 'value' without statistics clamps it in one pass of its own."""
 COMPILE_MIN_NUMEL = 1 << 20
 """Compiled kernels run for a group of tensors with at least this many elements together."""
+NORM_ROWS_MIN_NUMEL = 1 << 22
+"""The L2 norm takes the rows of blocks for a group of at least this many elements (below it, torch's
+foreach norm is as fast)."""
 PARALLEL_MIN_NUMEL = 1 << 18
 """A compiled kernel runs on all of torch's threads for a block of at least this many elements, else on
 one (CPU): below it, starting the other threads costs more than they save."""
@@ -52,14 +56,22 @@ PACK_NUMEL = 1 << 18
 """Elements of the buffer that 'value' packs small and strided tensors into (1 MiB of float32)."""
 STACK_NUMEL = 1 << 20
 """Elements of the buffer that AGC stacks small same-shaped weights, then grads, in."""
-BLOCK_NUMEL = 1 << 18
-"""Eager 'value' runs on blocks of whole rows of at most this many elements (its temporaries)."""
+BLOCK_NUMEL = 1 << 20
+"""Eager 'value' runs on blocks of whole rows of at most this many elements (4 MiB of float32: the L3
+cache), with one scratch block."""
 MEMORY_SHARE = 128
 """AGC's stacks hold at most 1/128 of the elements of the tensors they serve (under 1 % extra memory)."""
 PACK_SHARE = 16
 """The pack buffer of 'value' and the norm holds at most 1/16 of the elements it serves, and at most
 :data:`PACK_NUMEL`: fewer, larger packs, each one call of a compiled kernel."""
-SIZE_LIMITS = (2 * ROW_NUMEL, PACK_SHARE * 2 * ROW_NUMEL, PACK_NUMEL, COMPILE_MIN_NUMEL, STACK_NUMEL)
+SIZE_LIMITS = (
+    2 * ROW_NUMEL,
+    PACK_SHARE * 2 * ROW_NUMEL,
+    PARALLEL_MIN_NUMEL,
+    COMPILE_MIN_NUMEL,
+    STACK_NUMEL,
+    NORM_ROWS_MIN_NUMEL,
+)
 """The sizes at which a path starts or a buffer fills: the fuzz draws tensors on and around them."""
 
 UnitCoefficient = Callable[[Tensor, Tensor], Tensor]
@@ -97,26 +109,20 @@ def power_sums(tensors: list[Tensor], norm_type: float) -> Tensor:
 def total_power_sum(tensors: list[Tensor], norm_type: float) -> Tensor:
     """``Σ_i Σ|t_i|^p`` (``max_i max|t_i|`` for p = inf), 0-d in the accumulation dtype.
 
-    ``tensors``: one device and dtype, at least one. For p = 2 and at least :data:`COMPILE_MIN_NUMEL`
-    elements, :func:`_square_sums` of their blocks of rows (see :func:`_row_blocks`); else torch's foreach
-    norm.
+    ``tensors``: one device and dtype, at least one. For p = 2 and at least :data:`NORM_ROWS_MIN_NUMEL`
+    elements, the norms of the rows of their blocks (see :func:`_row_blocks`): a norm over each row of a
+    2-D block is faster than torch's norm of a whole tensor, and a pack of small tensors is one op; else
+    torch's foreach norm.
     """
     total = sum(t.numel() for t in tensors)
-    if norm_type != 2.0 or total < COMPILE_MIN_NUMEL:
+    if norm_type != 2.0 or total < NORM_ROWS_MIN_NUMEL:
         sums = _foreach_power_sums(tensors, norm_type)
         return sums.max() if math.isinf(norm_type) else sums.sum()
-    parts = [_run(_square_sums, _square_sums, True, rows)[0] for rows in _row_blocks(tensors, total, False)]
-    return torch.cat(parts).sum()
-
-
-def _square_sums(rows: Tensor) -> tuple[Tensor]:
-    """``Σ x²`` of each row of the 2-D ``rows``, in the accumulation dtype. Compiled, a plain sum of
-    squares; eager, torch's norm squared, which needs no temporary."""
-    accumulate = accumulation_dtype(rows.dtype)
-    if torch.compiler.is_compiling():
-        values = rows.to(accumulate)
-        return ((values * values).sum(1),)
-    return (torch.linalg.vector_norm(rows, dim=1, dtype=accumulate).square(),)
+    accumulate = accumulation_dtype(tensors[0].dtype)
+    norms = [
+        torch.linalg.vector_norm(rows, dim=1, dtype=accumulate) for rows in _row_blocks(tensors, total, False)
+    ]
+    return torch.cat(norms).square().sum()
 
 
 def scale_(tensors: list[Tensor], coef: Tensor) -> None:
@@ -180,11 +186,20 @@ def _clamp_rows_(rows: Tensor, bound: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return before, count, after
 
 
-def _clamp_rows_in_blocks_(rows: Tensor, bound: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Eager :func:`_clamp_rows_` (its temporaries are as large as its rows) on blocks of whole rows of at
-    most :data:`BLOCK_NUMEL` elements."""
-    parts = [_clamp_rows_(block, bound) for block in rows.split(max(1, BLOCK_NUMEL // rows.shape[1]))]
-    before, count, after = (torch.cat(values) for values in zip(*parts, strict=True))
+def _clamp_rows_eagerly_(rows: Tensor, bound: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_clamp_rows_` as eager torch ops, on blocks of whole rows of at most :data:`BLOCK_NUMEL`
+    elements (in cache for the ops after the first): the block's norm, its count through one scratch
+    block, its clamp and its norm again. Returns one sum per block, not per row."""
+    accumulate = accumulation_dtype(rows.dtype)
+    per_block = max(1, BLOCK_NUMEL // rows.shape[1])
+    scratch = rows.new_empty(min(per_block, rows.shape[0]), rows.shape[1])
+    parts = []
+    for block in rows.split(per_block):
+        before = torch.linalg.vector_norm(block, dtype=accumulate).square()
+        count = torch.abs(block, out=scratch[: block.shape[0]]).gt_(bound).sum(dtype=accumulate)
+        block.clamp_(-bound, bound)
+        parts.append(torch.stack([before, count, torch.linalg.vector_norm(block, dtype=accumulate).square()]))
+    before, count, after = torch.stack(parts).unbind(1)
     return before, count, after
 
 
@@ -282,7 +297,7 @@ def clamp_with_stats_(tensors: list[Tensor], limit: float) -> tuple[Tensor, Tens
     total = sum(t.numel() for t in tensors)
     compile_ = total >= COMPILE_MIN_NUMEL
     parts = [
-        _run(_clamp_rows_, _clamp_rows_in_blocks_, compile_, rows, bound)
+        _run(_clamp_rows_, _clamp_rows_eagerly_, compile_, rows, bound)
         for rows in _row_blocks(tensors, total, True)
     ]
     if not parts:

@@ -1,10 +1,10 @@
-"""The compiled kernels (torch.compile) of 'value' and the L2 norm: the float64 references and torch's
-clipping on drawn parameter lists, the same results as the eager kernels, no recompile for new sizes, and
-every way back to the eager kernels (the switch, the environment, torch.compile disabled or already
-running, a device without them, a kernel that fails to compile).
+"""The compiled kernel of 'value' and the row blocks it shares with the L2 norm: the float64 references and
+torch's clipping on drawn parameter lists, the same results as the eager kernels, no recompile for new
+sizes, and every way back to the eager kernels (the switch, the environment, torch.compile disabled or
+already running, a device without them, a kernel that fails to compile).
 
-Every test here runs with the compiled kernels on for the CPU and ``kernels.COMPILE_MIN_NUMEL = 0``, so
-that small tensors take the compiled paths. Each kernel compiles once per dtype in a process (sizes are
+Every test here runs with the compiled kernels on for the CPU and ``kernels.COMPILE_MIN_NUMEL =
+kernels.NORM_ROWS_MIN_NUMEL = 0``, so that small tensors take these paths. Each kernel compiles once per dtype in a process (sizes are
 dynamic); Inductor's on-disk cache makes later runs faster, not different. The size tests of
 tests/test_value_clipping.py (which run the eager kernels) are imported below and run here compiled;
 tests/test_no_sync.py checks that the compiled kernels do not sync.
@@ -36,6 +36,7 @@ from gradclip_algo import GradientClipper, apply_gradient_clipping, compiled, ke
 def _compiled_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(compiled, "_devices", ("cpu",))
     monkeypatch.setattr(kernels, "COMPILE_MIN_NUMEL", 0)
+    monkeypatch.setattr(kernels, "NORM_ROWS_MIN_NUMEL", 0)
 
 
 def _graphs() -> int:
@@ -52,8 +53,8 @@ def _graphs() -> int:
 )
 @given(case=stateless_cases(types=("value", "norm")))
 def test_compiled_value_and_norm_match_float64_reference_and_torch(case: StatelessCase) -> None:
-    """The differential fuzz of tests/test_fuzz.py for the types with compiled kernels ('norm': its L2
-    norm): every dtype, layout and size drawn there, against the float64 reference and torch's
+    """The differential fuzz of tests/test_fuzz.py for 'value' (compiled) and 'norm' (its L2 norm over
+    row blocks): every dtype, layout and size drawn there, against the float64 reference and torch's
     ``clip_grad_value_`` (bit for bit) and ``clip_grad_norm_``."""
     run_stateless(case)
 
@@ -86,9 +87,9 @@ SHAPES = [
 def test_compiled_equals_eager_and_new_sizes_do_not_recompile(
     monkeypatch: pytest.MonkeyPatch, clipping_type: str, dtype: torch.dtype
 ) -> None:
-    """Each kernel compiles at the first call in a dtype (two forms: rows of more and of fewer than
+    """'value''s kernel compiles at the first call in a dtype (two forms: blocks of more and of fewer than
     PARALLEL_MIN_NUMEL elements); new sizes then reuse them. 'value' gives torch's clamp bit for bit and the
-    eager kernels' count; both types give the eager kernels' norms (within float32 rounding)."""
+    eager kernels' count; both types give the eager paths' norms (within float32 rounding)."""
     threshold = 0.05 if clipping_type == "value" else 1.0
     apply_gradient_clipping(_params(SHAPES[0], dtype, 0), clipping_type, threshold)  # compiles, at most
     graphs = _graphs()

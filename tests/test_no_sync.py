@@ -131,10 +131,11 @@ def test_the_compiled_kernels_do_not_sync(
     clipping_type: str,
     with_stats: bool | str,
 ) -> None:
-    """The compiled kernels (on for this small model, with a grad of 4 rows and a partial one), called step
-    after step once compiled."""
+    """The compiled kernel of 'value' and the norm's row blocks (on for this small model, with a grad of 4
+    rows and a partial one), called step after step once compiled."""
     monkeypatch.setattr(compiled, "_devices", ("cpu",))
     monkeypatch.setattr(kernels, "COMPILE_MIN_NUMEL", 0)
+    monkeypatch.setattr(kernels, "NORM_ROWS_MIN_NUMEL", 0)
     model = nn.ModuleList([mixed_model, nn.Linear(128, 130)])
     clipper = GradientClipper(clipping_type, 0.05)
     random_grads(model)
