@@ -23,6 +23,7 @@ from gradclip_algo.validation import check_choice, check_positive_number
 Check = Callable[[str, Any], Any]
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "cosine")
 TASKS = ("adding_problem", "language_model")
 TEXTS = ("pydoc_topics",)
 DURATION_PATTERN = re.compile(r"^([1-9][0-9]*)(ba|ep)$")
@@ -56,6 +57,7 @@ def _config_error(check: Callable[..., Any], *args: Any) -> Callable[[str, Any],
 
 _positive_number = _config_error(check_positive_number)
 _optimizer_name = _config_error(check_choice, OPTIMIZERS)
+_schedule_name = _config_error(check_choice, SCHEDULES)
 _task_name = _config_error(check_choice, TASKS)
 _text_name = _config_error(check_choice, TEXTS)
 
@@ -182,11 +184,19 @@ MODEL_BLOCKS: dict[str, type] = {"adding_problem": ModelConfig, "language_model"
 
 @dataclass(frozen=True)
 class OptimizerConfig:
-    """A torch optimizer (``sgd``, ``adam`` or ``adamw``), its learning rate and its other arguments."""
+    """A torch optimizer (``sgd``, ``adam`` or ``adamw``), its learning rate and its other arguments.
+
+    The learning rate rises linearly over the first ``warmup_steps`` optimizer steps (step k of the warm-up
+    at ``k / warmup_steps · lr``), then stays at ``lr`` (``schedule: constant``) or follows the decreasing
+    half of a cosine down to 0 at the last step of ``max_duration`` (``schedule: cosine``); see
+    :func:`gradclip_algo.train.run.lr_factor`.
+    """
 
     name: str = setting("sgd", _optimizer_name)
     lr: float = setting(0.2, _positive_number)
     options: dict[str, Any] = setting({}, _optional_mapping)
+    schedule: str = setting("constant", _schedule_name)
+    warmup_steps: int = setting(0, _int_at_least(0))
 
 
 @dataclass(frozen=True)
