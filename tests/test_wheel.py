@@ -49,6 +49,7 @@ PRESETS = {
 PROBE = """
 import importlib.metadata as md, importlib.resources as res, json, sys
 from torch import nn
+import torch
 import gradclip_algo
 from gradclip_algo import apply_gradient_clipping
 
