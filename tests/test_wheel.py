@@ -48,8 +48,8 @@ PRESETS = {
 
 PROBE = """
 import importlib.metadata as md, importlib.resources as res, json, sys
-from torch import nn
 import torch
+from torch import nn
 import gradclip_algo
 from gradclip_algo import apply_gradient_clipping
 
