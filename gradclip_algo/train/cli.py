@@ -97,8 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except Interrupted as stop:
         return report(PROG, stop)
-    stopped = result.end.describe()
-    print(f"{result.folder}: {result.summary.describe()}" + (f"; {stopped}" if stopped else ""))
+    print(f"{result.folder}: {result.summary.describe()}")
     return 0
 
 

@@ -184,6 +184,6 @@ def train_language_model(
     result = LanguageModelResult(
         folder, recorder.records, recorder.layer_names, recorder.layer_rows, recorder.evals, summary, clipping
     )
-    end.raise_if_interrupted(folder)
+    end.report(folder)
     plot_lm_run(result, folder / PLOT_FILE)
     return result

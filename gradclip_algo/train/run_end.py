@@ -72,8 +72,11 @@ class RunEnd:
             return f"interrupted by {signal_name(self.signum or 0)} after step {self.last_step}"
         return ""
 
-    def raise_if_interrupted(self, folder: Path) -> None:
-        """:class:`Interrupted` naming ``folder`` and the last step, for an interrupted run."""
+    def report(self, folder: Path) -> None:
+        """For a run that ended early: one line on stdout after a non-finite loss, :class:`Interrupted`
+        naming ``folder`` and the last step after a signal."""
+        if self.status == NONFINITE_LOSS:
+            print(f"{folder}: {self.describe()}", flush=True)
         if self.status == INTERRUPTED and self.signum is not None:
             raise Interrupted(
                 self.signum,

@@ -115,6 +115,6 @@ def _train_adding_problem(
     with (folder / SUMMARY_FILE).open("w") as file:
         values = {name: _json_number(value) for name, value in asdict(summary).items()}
         json.dump({"clipping": clipping, **values, **end.summary_fields()}, file, indent=2)
-    end.raise_if_interrupted(folder)  # before the plot, which takes a second or more
+    end.report(folder)  # before the plot, which takes a second or more
     plot_runs([PlotSeries(folder.name, recorder.records, threshold)], folder / PLOT_FILE, f"{folder.name}")
     return RunResult(folder, recorder.records, summary, clipping, threshold, end)
