@@ -44,17 +44,20 @@ def run_all(fn: Callable[[Item], Result], items: Sequence[Item], jobs: int) -> l
         return results
     context = multiprocessing.get_context("spawn")
     shared = context.Value("i", 0)
-    with (
-        stop_signals(),
-        ProcessPoolExecutor(
+    with stop_signals():
+        pool = ProcessPoolExecutor(
             jobs, mp_context=context, initializer=init_worker, initargs=(shared, fn.__module__)
-        ) as pool,
-    ):
+        )
         share_with_workers(shared)
+        wait_for_workers = True
         try:
             return _run(pool, fn, items, jobs)
+        except Interrupted:
+            wait_for_workers = False  # every run has ended and written its files: report without waiting
+            raise  # for the worker processes to exit (they do in the background; the interpreter waits)
         finally:
             share_with_workers(None)
+            pool.shutdown(wait=wait_for_workers, cancel_futures=True)
 
 
 def _run(
