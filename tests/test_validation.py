@@ -158,20 +158,27 @@ def test_with_stats_must_be_a_bool_or_clipped(param: torch.nn.Parameter, with_st
     assert torch.equal(param.grad, torch.ones(3))
 
 
-def test_thresholds_take_numpy_scalars_and_0d_cpu_tensors(param: torch.nn.Parameter) -> None:
-    """Every real number is a number: NumPy scalars and 0-d CPU tensors clip as their Python float does."""
-    np = pytest.importorskip("numpy")
+def test_thresholds_take_0d_cpu_tensors(param: torch.nn.Parameter) -> None:
     param.grad = torch.full((3,), 2.0)
-    for threshold in (np.float32(1.5), np.float64(1.5), np.int64(1), torch.tensor(1.5), torch.tensor(1)):
-        clipper = GradientClipper("norm", threshold, skip_spikes=np.float32(6.0))
+    for threshold in (torch.tensor(1.5), torch.tensor(1), torch.tensor(1.5, dtype=torch.float64)):
+        clipper = GradientClipper("norm", threshold, skip_spikes=torch.tensor(6.0))
         assert type(clipper.clipping_threshold) is float and clipper.clipping_threshold == float(threshold)
         assert clipper.skip_spikes == 6.0
+    stats = apply_gradient_clipping(param, "norm", torch.tensor(1.5))
+    assert stats.clipped_grad_norm.item() == pytest.approx(1.5, rel=1e-5)
+
+
+def test_thresholds_take_numpy_scalars(param: torch.nn.Parameter) -> None:
+    """Every real number is a number: NumPy scalars clip as their Python float does."""
+    np = pytest.importorskip("numpy")
+    param.grad = torch.full((3,), 2.0)
+    for threshold in (np.float32(1.5), np.float64(1.5), np.int64(1)):
+        clipper = GradientClipper("norm", threshold, skip_spikes=np.float32(6.0))
+        assert type(clipper.clipping_threshold) is float and clipper.clipping_threshold == float(threshold)
     stats = apply_gradient_clipping(param, "norm", np.float32(1.5))
     assert stats.clipped_grad_norm.item() == pytest.approx(1.5, rel=1e-5)
-    assert (
-        GradientClipper("zscore", 1.0, alpha=np.float32(0.5), warmup_steps=np.int64(3)).options.warmup_steps
-        == 3
-    )
+    options = GradientClipper("zscore", 1.0, alpha=np.float32(0.5), warmup_steps=np.int64(3)).options
+    assert options.alpha == 0.5 and options.warmup_steps == 3 and type(options.warmup_steps) is int
 
 
 @pytest.mark.parametrize(
