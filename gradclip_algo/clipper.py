@@ -15,7 +15,6 @@ type and shared by stages 2 to 4.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal
@@ -133,16 +132,14 @@ class GradientClipper:
             and self.nonfinite != "skip"
             and self.skip_spikes is None
         ):
-            warnings.warn(
+            warn_at_caller(
                 f"fold_into: clipping_type={clipping_type!r} clips each element, unit or tensor by its own "
                 "factor and no skip is set (nonfinite='skip' or skip_spikes), so there is nothing to fold; "
-                "fold_into has no effect",
-                stacklevel=2,
+                "fold_into has no effect"
             )
         self.state: State | None = None
         self.spike_state: State | None = None
-        self._warned = False
-        self._warned_fold = False
+        self._warned: set[str] = set()  # the once-per-clipper warnings given so far
 
     @torch.no_grad()
     def __call__(
@@ -170,6 +167,7 @@ class GradientClipper:
         found = self._collect(parameters)
         # a sharded rank without grads still joins reductions
         if not found.shards.grads and found.shards.group is None:
+            self._warn_nothing_clipped(found)
             return ClipStats.empty() if with_stats else None
         plan = self._plan(optimizers, found)
         # a skip decided on the device (for the optimizers' found_inf), or the stats of a step skipped here
@@ -194,8 +192,8 @@ class GradientClipper:
         everything = collect(parameters, names=self.exclusion is not None)
         settle_pending([param for _, param in everything])
         selected, grads = with_grads(everything, self.exclusion, module)
-        if not self._warned and (self.exclusion is not None or not selected):
-            self._warn_about(everything, selected)
+        if self.exclusion is not None and everything:
+            self._warn_unmatched(everything)
         shards = local_shards([param for _, param in selected], module, grads, self.process_group)
         return _Collected(module, everything, selected, grads, shards)
 
@@ -225,12 +223,12 @@ class GradientClipper:
         )
         if plan.skip and self.rule.init is not None and self.state is None:
             plan = replace(plan, skip=False)
-        if plan.why_not and self.fold_into and not self._warned_fold:
-            warn_at_caller(
+        if plan.why_not and self.fold_into:
+            self._warn_once(
+                "fold",
                 f"fold_into: the clipping is not folded into the optimizer: {plan.why_not}; the grads are "
-                "rescaled instead"
+                "rescaled instead",
             )
-            self._warned_fold = True
         return plan
 
     def _factor_why_not(self) -> str | None:
@@ -291,24 +289,48 @@ class GradientClipper:
             state, skip, lambda: update(shards, self.clipping_threshold, self.options, state)
         )
 
-    def _warn_about(self, everything: list[Named], selected: list[Named]) -> None:
-        """Warn, once per clipper, where a setting or the input would make the call do nothing."""
-        unmatched = self.exclusion.unmatched() if self.exclusion is not None else []
-        if unmatched and everything:
+    def _warn_once(self, kind: str, message: str) -> None:
+        """Warn at the user's line, once per clipper for each ``kind`` of warning."""
+        if kind not in self._warned:
+            self._warned.add(kind)
+            warn_at_caller(message)
+
+    def _warn_unmatched(self, everything: list[Named]) -> None:
+        """Warn where an ``exclude`` glob matched no parameter name."""
+        assert self.exclusion is not None
+        unmatched = self.exclusion.unmatched()
+        if unmatched:
             examples = ", ".join(repr(n) for names, _ in everything[:3] for n in names[:1])
-            warnings.warn(
+            self._warn_once(
+                "exclude",
                 f"exclude: pattern(s) {', '.join(map(repr, unmatched))} match no parameter name (names look "
                 f"like {examples}); nothing is excluded by them",
-                stacklevel=3,
             )
-            self._warned = True
-        if everything and not selected and not any(param.requires_grad for _, param in everything):
-            warnings.warn(
+
+    def _warn_nothing_clipped(self, found: _Collected) -> None:
+        """Warn where a call clips nothing: no tensor has a grad (before ``backward()``, or grads passed in
+        place of parameters), or ``exclude`` leaves out every one that has."""
+        everything = found.everything
+        if not everything:
+            return
+        if any(param.grad is not None for _, param in everything):
+            self._warn_once(
+                "excluded",
+                f"exclude: every parameter that has a .grad is excluded ({self.exclude!r}), so nothing is "
+                "clipped",
+            )
+        elif any(param.requires_grad for _, param in everything):
+            self._warn_once(
+                "no grads",
+                f"parameters: none of the {len(everything)} parameters has a .grad yet, so nothing is clipped "
+                "and the norms are 0; clip after loss.backward()",
+            )
+        else:
+            self._warn_once(
+                "grads passed",
                 f"parameters: none of the {len(everything)} tensors has a .grad or requires grad, so "
                 "nothing is clipped; pass the parameters (e.g. model.parameters()), not their gradients",
-                stacklevel=3,
             )
-            self._warned = True
 
     def _nonfinite_error(
         self, selected: list[Named], grads: list[Tensor], module: nn.Module | None, norm: Tensor

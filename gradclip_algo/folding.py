@@ -66,6 +66,7 @@ from torch.optim import Optimizer
 
 from gradclip_algo.caller import warn_at_caller
 from gradclip_algo.norms import scale_grads_
+from gradclip_algo.validation import shown
 
 Optimizers = Sequence[Optimizer]
 ATTRIBUTES = ("grad_scale", "found_inf")
@@ -100,12 +101,15 @@ def check_fold_into(field: str, value: Any) -> tuple[Optimizer, ...]:
         return ()
     if isinstance(value, Optimizer):
         return (value,)
-    if isinstance(value, (list, tuple)) and all(isinstance(item, Optimizer) for item in value):
-        return tuple(value)
-    raise TypeError(
-        f"{field}: expected a torch.optim.Optimizer (e.g. AdamW(..., fused=True)), a list of them or None, "
-        f"got {value!r}"
+    expected = (
+        f"{field}: expected a torch.optim.Optimizer (e.g. AdamW(..., fused=True)), a list of them or None"
     )
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{expected}, got {shown(value)}")
+    for index, item in enumerate(value):
+        if not isinstance(item, Optimizer):
+            raise TypeError(f"{expected}, got {shown(item)} at index {index} of the {type(value).__name__}")
+    return tuple(value)
 
 
 def factor_is_foldable(threshold: float, norm_type: float) -> bool:

@@ -40,7 +40,8 @@ def test_single_tensor_and_generator() -> None:
 
 def test_none_grads_are_skipped_and_no_grads_is_not_an_error() -> None:
     model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
-    stats = apply_gradient_clipping(model, "norm", 1.0)
+    with pytest.warns(UserWarning, match=r"none of the 4 parameters has a \.grad yet"):
+        stats = apply_gradient_clipping(model, "norm", 1.0)
     assert stats.grad_norm.item() == 0.0 and stats.clipped_fraction.item() == 0.0
     model[1].weight.grad = torch.full((3, 3), 10.0)
     stats = apply_gradient_clipping(model, "norm", 1.0)

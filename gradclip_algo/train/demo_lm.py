@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import argparse
 import math
-import multiprocessing
 import statistics
 import sys
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -32,7 +30,9 @@ from typing import Any
 import yaml
 
 from gradclip_algo.train.calibration import Recommendation, measure, plot_calibration, recommend
+from gradclip_algo.train.interrupt import exit_status
 from gradclip_algo.train.lm_results import LanguageModelResult
+from gradclip_algo.train.pool import run_all
 from gradclip_algo.train.run import build_parts, create_run_folder
 from gradclip_algo.train.run_config import LanguageModelTaskConfig, RunConfig, RunConfigError, load_run_config
 from gradclip_algo.train.shipped import resolve_config
@@ -219,11 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     for config in configs:
         build_parts(config)  # every set-up checked before the first run
-    if args.jobs > 1:
-        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            flat = list(pool.map(_train, configs))
-    else:
-        flat = [_train(config) for config in configs]
+    flat = run_all(_train, configs, args.jobs)
     count = len(args.seeds)
     runs = [flat[i * count : (i + 1) * count] for i in range(len(chosen))]
     names = [v.name for v in chosen]
@@ -249,4 +245,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_status(PROG, main))

@@ -31,6 +31,7 @@ from gradclip_algo.train.run_config import (
     RunConfigError,
     TransformerConfig,
 )
+from gradclip_algo.train.run_end import RunEnd, RunGuard
 from gradclip_algo.train.text_data import train_and_eval_windows
 
 CONFIG_FILE = "config.yaml"
@@ -61,7 +62,7 @@ class RunResult:
     """A finished run: its folder, its per-step records and their summary.
 
     ``clipping`` describes the clipping set-up (``'none'`` without one); ``threshold`` is λ for norm
-    clipping, the value the pre-clip norm is compared with, else ``None``.
+    clipping, the value the pre-clip norm is compared with, else ``None``; ``end``: how it ended.
     """
 
     folder: Path
@@ -69,6 +70,7 @@ class RunResult:
     summary: RunSummary
     clipping: str
     threshold: float | None
+    end: RunEnd
 
 
 def _loader(dataset: Dataset, batch_size: int, seed: int, train: bool) -> DataLoader:
@@ -173,6 +175,8 @@ def make_trainer(
 ) -> Trainer:
     """The ``Trainer`` of a run: ``parts``, the duration, seed and microbatching of ``config``, no loggers.
 
+    ``callbacks`` are followed by a :class:`~gradclip_algo.train.run_end.RunGuard`, which ends the run (see
+    :func:`~gradclip_algo.train.run_end.fit`) at a non-finite loss, as ``config`` says, or on a stop request.
     ``evaluate`` adds the evaluation set, run once at the end; ``options`` go to ``Trainer`` as they are.
     """
     interval = (
@@ -185,7 +189,7 @@ def make_trainer(
         max_duration=max_duration or config.max_duration,
         optimizers=parts.optimizer,
         algorithms=parts.algorithms,
-        callbacks=callbacks,
+        callbacks=[*callbacks, RunGuard(config.stop_on_nonfinite_loss)],
         loggers=[],
         seed=config.seed,
         device_train_microbatch_size=config.device_train_microbatch_size,
