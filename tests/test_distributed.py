@@ -102,7 +102,7 @@ def test_inf_norm_of_an_empty_shard() -> None:
 def test_process_group_must_be_a_group() -> None:
     """``process_group`` takes a torch.distributed ProcessGroup (from Python) or None; a name is refused."""
     assert GradientClipper("norm", 1.0, process_group=None).process_group is None
-    with pytest.raises(ValueError, match=r"process_group: expected a torch\.distributed ProcessGroup") as err:
+    with pytest.raises(TypeError, match=r"process_group: expected a torch\.distributed ProcessGroup") as err:
         GradientClipper("norm", 1.0, process_group="pp")
     assert "a YAML file cannot hold a process group: pass process_group= from Python" in str(err.value)
 
