@@ -27,6 +27,7 @@ from gradclip_algo.caller import warn_at_caller
 from gradclip_algo.device_state import move_to_, update_unless_
 from gradclip_algo.distributed import Shards, check_process_group, local_shards
 from gradclip_algo.folding import (
+    NO_FOLD,
     FoldPlan,
     Optimizers,
     check_fold_into,
@@ -169,16 +170,16 @@ class GradientClipper:
         if not found.shards.grads and found.shards.group is None:
             self._warn_nothing_clipped(found)
             return ClipStats.empty() if with_stats else None
-        plan = self._plan(optimizers, found)
+        plan = self._plan(optimizers, found) if optimizers else NO_FOLD
         # a skip decided on the device (for the optimizers' found_inf), or the stats of a step skipped here
-        skip = self._check_nonfinite(found, plan)
+        skip = self._check_nonfinite(found, plan) if self.nonfinite != "propagate" else None
         if self.skip_spikes is not None and not isinstance(skip, ClipStats):
             skip = self._judge_spike(found, plan, skip)
         if isinstance(skip, ClipStats):
             return skip
         stats = self._clip(found.shards, with_stats, skip)
         coefficient = None if stats is None else stats.coefficient
-        params = [param for _, param in (found.everything if skip is not None else found.selected)]
+        params = found.params if skip is None or not optimizers else [p for _, p in found.everything]
         folded = scale_or_fold(optimizers, plan, params, found.shards.grads, coefficient, skip)
         if stats is None or not with_stats:
             return None
@@ -190,12 +191,12 @@ class GradientClipper:
         A fold of these grads still waiting for its step is applied first, as unfolded."""
         module = parameters if isinstance(parameters, nn.Module) else None
         everything = collect(parameters, names=self.exclusion is not None)
-        settle_pending([param for _, param in everything])
-        selected, grads = with_grads(everything, self.exclusion, module)
+        settle_pending(everything)
+        selected, params, grads = with_grads(everything, self.exclusion, module)
         if self.exclusion is not None and everything:
             self._warn_unmatched(everything)
-        shards = local_shards([param for _, param in selected], module, grads, self.process_group)
-        return _Collected(module, everything, selected, grads, shards)
+        shards = local_shards(params, module, grads, self.process_group)
+        return _Collected(module, everything, selected, params, grads, shards)
 
     def _check_nonfinite(self, found: _Collected, plan: FoldPlan) -> Tensor | ClipStats | None:
         """The non-finite stage (:func:`~gradclip_algo.nonfinite.check_nonfinite_`): the skip flag for the
@@ -209,14 +210,12 @@ class GradientClipper:
         return _skip_step(found.everything, check.stop)
 
     def _plan(self, optimizers: Optimizers, found: _Collected) -> FoldPlan:
-        """What this call folds into ``optimizers`` (see :class:`~gradclip_algo.folding.FoldPlan`); a skip of
-        a stateful rule only once its state exists. Warns once when the clipper's own ``fold_into`` cannot
-        be folded into."""
-        if not optimizers:
-            return FoldPlan()
+        """What this call folds into ``optimizers`` (at least one; see
+        :class:`~gradclip_algo.folding.FoldPlan`); a skip of a stateful rule only once its state exists. Warns
+        once when the clipper's own ``fold_into`` cannot be folded into."""
         plan = FoldPlan.make(
             optimizers,
-            [param for _, param in found.selected],
+            found.params,
             [param for _, param in found.everything if param.grad is not None],
             local=found.shards.layout == "local",
             factor_why_not=self.factor_why_not,
@@ -336,7 +335,7 @@ class GradientClipper:
         self, selected: list[Named], grads: list[Tensor], module: nn.Module | None, norm: Tensor
     ) -> Exception:
         if module is not None and self.exclusion is None:  # names were not built on the fast path
-            selected, grads = with_grads(collect(module), None)
+            selected, _, grads = with_grads(collect(module), None)
         pairs = [(names[0] if names else None, param) for names, param in selected]
         return nonfinite_error(pairs, grads, norm)
 
@@ -424,12 +423,13 @@ def _checked_state(name: str, given: Any, fresh: State) -> State:
 @dataclass(frozen=True)
 class _Collected:
     """What a call clips: ``everything`` (each distinct tensor passed, with its names where ``exclude``
-    needs them), the ``selected`` ones with grads and their ``grads``, and the ``shards`` of those grads.
-    ``module``: what was passed, where it was a module."""
+    needs them), the ``selected`` ones with grads (also as tensors, ``params``) and their ``grads``, and
+    the ``shards`` of those grads. ``module``: what was passed, where it was a module."""
 
     module: nn.Module | None
     everything: list[Named]
     selected: list[Named]
+    params: list[Tensor]
     grads: list[Tensor]
     shards: Shards
 

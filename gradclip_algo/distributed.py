@@ -317,7 +317,17 @@ def _whole(params: Sequence[Tensor], grads: Sequence[Tensor] | None, stages: Any
     n = len(params)
     grads = [p.grad for p in params] if grads is None else list(grads)
     home = None if stages is None or grads else _group_device(stages)
-    return Shards(list(params), grads, [False] * n, [True] * n, home=home, stages=stages)
+    split = [False] * n
+    return Shards(
+        list(params),
+        grads,
+        split,
+        [True] * n,
+        home=home,
+        reduction=[0] * n,
+        unit_groups=[()] * n,
+        stages=stages,
+    )
 
 
 def _fsdp1_shards(params: Sequence[Tensor], module: nn.Module, fsdp1: list[nn.Module], stages: Any) -> Shards:

@@ -46,23 +46,25 @@ Named = tuple[tuple[str, ...], Tensor]
 """``(names, param)``: a parameter and every name it has (tied weights have several; bare tensors none)."""
 
 
-def _module_parameters(module: nn.Module) -> list[Tensor]:
-    """``list(module.parameters())``, in its order, without building the names. Modules are told apart
-    by ``id``: some (torchmetrics' metrics, held by Composer models) define a costly ``__hash__``."""
-    found: list[Tensor] = []
+def _module_parameters(module: nn.Module) -> list[Named]:
+    """``list(module.parameters())``, in its order, each without names (none are built). Modules are told
+    apart by ``id``: some (torchmetrics' metrics, held by Composer models) define a costly ``__hash__``."""
+    found: list[Named] = []
     seen_modules: set[int] = set()
     seen_params: set[int] = set()
-    stack = [module]
+    stack: list[nn.Module | None] = [module]
     while stack:
         current = stack.pop()
-        if id(current) in seen_modules:
+        if current is None or id(current) in seen_modules:
             continue
         seen_modules.add(id(current))
         for param in current._parameters.values():
             if param is not None and id(param) not in seen_params:
                 seen_params.add(id(param))
-                found.append(param)
-        stack.extend(child for child in reversed(current._modules.values()) if child is not None)
+                found.append(((), param))
+        children = list(current._modules.values())
+        children.reverse()
+        stack += children
     return found
 
 
@@ -92,7 +94,7 @@ def collect(parameters: Parameters, names: bool = True) -> list[Named]:
     """
     if isinstance(parameters, nn.Module):
         if not names:
-            return [((), param) for param in _module_parameters(_unwrapped_module(parameters))]
+            return _module_parameters(_unwrapped_module(parameters))
         return list(_names_in_module(parameters).values())
     if isinstance(parameters, Tensor):
         return [((), parameters)]
@@ -243,13 +245,14 @@ def _grad_error(item: Named, grad: Tensor, module: nn.Module | None) -> Exceptio
 
 def with_grads(
     named: list[Named], excluded: Callable[[Named], bool] | None, module: nn.Module | None = None
-) -> tuple[list[Named], list[Tensor]]:
-    """The parameters whose ``.grad`` is set and that ``excluded`` does not match, and their grads.
+) -> tuple[list[Named], list[Tensor], list[Tensor]]:
+    """The parameters whose ``.grad`` is set and that ``excluded`` does not match (as ``named`` gives them,
+    and as tensors), and their grads.
 
     Every grad is checked first (:func:`_grad_error`), so a bad one raises before any grad changes; its
     error names the parameter, looked up in ``module`` where ``named`` carries no names.
     """
-    selected, grads = [], []
+    selected, params, grads = [], [], []
     for item in named:
         if excluded is not None and excluded(item):
             continue
@@ -259,8 +262,9 @@ def with_grads(
         if grad.dtype not in FLOATING or grad.layout is not torch.strided or grad.is_meta:
             raise _grad_error(item, grad, module)
         selected.append(item)
+        params.append(item[1])
         grads.append(grad)
-    return selected, grads
+    return selected, params, grads
 
 
 class Exclusion:
