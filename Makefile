@@ -44,7 +44,7 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: lint $(VENV)/.installed test-core
+test: lint docs $(VENV)/.installed test-core
 	$(VENV)/bin/python -m pytest
 
 # The functional core on the newest torch, with Composer absent (Composer tests skip themselves).

@@ -270,7 +270,8 @@ def test_linear_warmup_then_cosine_decay() -> None:
 @pytest.mark.composer
 def test_the_same_seeds_give_the_same_tables(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("composer")
-    from gradclip_algo.train.demo_lm import collect, report, run_jobs, sweep_jobs
+    from gradclip_algo.train.demo_lm import collect, report, sweep_jobs, train_job
+    from gradclip_algo.train.pool import run_all
     from gradclip_algo.train.run_config import load_run_config
 
     base = load_run_config(CONFIGS / "demo_lm.yaml", [*TINY_LM, "max_duration=4ba", "task.eval_interval=4"])
@@ -278,7 +279,7 @@ def test_the_same_seeds_give_the_same_tables(tmp_path: Path, capsys: pytest.Capt
     printed = []
     for name in ("first", "second"):
         jobs = sweep_jobs(base, settings, (0.01, 0.3), (0,), 0.3, tmp_path / name)
-        report(collect(jobs, run_jobs(jobs, 1)), 0.3)
+        report(collect(jobs, run_all(train_job, jobs, 1)), 0.3)
         printed.append(capsys.readouterr().out.split("\n\nfinal eval loss", 1)[1])
     assert printed[0] == printed[1] and "| norm | norm λ=0.5 |" in printed[0]
     for run in ("none-lr0.3-seed0", "norm-lr0.01-seed0"):

@@ -24,17 +24,16 @@ An lr sweep after Wortsman et al. (2023, arXiv 2309.14322), scaled to a CPU:
    clipping and norm clipping at λ = 1.0), with the calibration's files, into the demo folder
    ``<out>/demo_lm`` (``demo_lm-2``, ... when it exists).
 
-Runs go to ``--jobs`` worker processes (default 2), each single-threaded (``cpu_threads``), so the numbers
-are the same whatever the number of jobs.
+Runs go to ``--jobs`` worker processes (default 2; :func:`gradclip_algo.train.pool.run_all`), each
+single-threaded (``cpu_threads``), so the numbers are the same whatever the number of jobs. Ctrl-C or
+SIGTERM starts no further run and stops the running ones after their current step, marked as interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import sys
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,7 @@ from typing import Any
 import yaml
 
 from gradclip_algo.train.calibration import Recommendation, measure, plot_calibration, recommend
+from gradclip_algo.train.interrupt import exit_status
 from gradclip_algo.train.lm_plot import (
     plot_instability,
     plot_layer_heatmaps,
@@ -62,6 +62,7 @@ from gradclip_algo.train.lm_sweep import (
     seed_mean_table,
     sensitivity_table,
 )
+from gradclip_algo.train.pool import run_all
 from gradclip_algo.train.run import build_parts, create_run_folder
 from gradclip_algo.train.run_config import LanguageModelTaskConfig, RunConfig, RunConfigError, load_run_config
 from gradclip_algo.train.shipped import resolve_config
@@ -144,20 +145,13 @@ def sweep_jobs(
     return jobs
 
 
-def _train(job: Job) -> LanguageModelResult:
+def train_job(job: Job) -> LanguageModelResult:
+    """Train one run of the sweep (no per-run figure) and print its summary line."""
     result = train_language_model(
         job.config, build_parts(job.config), progress_bar=False, layer_norms=job.layer_norms, plot=False
     )
     print(f"{result.folder.name}: {result.summary.describe()}", flush=True)
     return result
-
-
-def run_jobs(jobs: Sequence[Job], workers: int) -> list[LanguageModelResult]:
-    """Every job's result, in the order of ``jobs``: in ``workers`` processes, or here when 1."""
-    if workers <= 1:
-        return [_train(job) for job in jobs]
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return list(pool.map(_train, jobs))
 
 
 def collect(jobs: Sequence[Job], results: Sequence[LanguageModelResult]) -> Sweep:
@@ -284,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     jobs = sweep_jobs(base, settings, chosen.lrs, chosen.seeds, chosen.focus_lr, folder)
     for job in jobs:
         build_parts(job.config)  # every run checked before the first one trains
-    results = run_jobs(jobs, args.jobs)
+    results = run_all(train_job, jobs, args.jobs)
     sweep = collect(jobs, results)
     report(sweep, chosen.focus_lr)
     focus = [
@@ -305,4 +299,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_status(PROG, main))

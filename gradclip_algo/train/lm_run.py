@@ -44,6 +44,7 @@ from gradclip_algo.train.run import (
     make_trainer,
 )
 from gradclip_algo.train.run_config import RunConfig, to_dict
+from gradclip_algo.train.run_end import fit
 
 LAYER_NORMS_FILE = "layer_norms.csv"
 EVAL_FILE = "eval.csv"
@@ -208,16 +209,16 @@ def train_language_model(
     recorder = LanguageModelRecorder(folder, layer_norms=layer_norms)
     trainer = make_trainer(config, parts, [recorder], run_name=folder.name, progress_bar=progress_bar)
     trainer.eval()  # the loss at initialisation: step 0
-    trainer.fit()
-    trainer.close()
+    end = fit(trainer)
     summary = summarize_lm(recorder.records, recorder.evals)
     clipping = describe_lm_clipping(config) if config.algorithms else describe_clipping(parts.algorithms)[0]
     with (folder / SUMMARY_FILE).open("w") as file:
         values = {name: _json_number(value) for name, value in asdict(summary).items()}
-        json.dump({"clipping": clipping, **values}, file, indent=2)
+        json.dump({"clipping": clipping, **values, **end.summary_fields()}, file, indent=2)
     result = LanguageModelResult(
         folder, recorder.records, recorder.layer_names, recorder.layer_rows, recorder.evals, summary, clipping
     )
+    end.report(folder)
     if plot:
         plot_lm_run(result, folder / PLOT_FILE)
     return result

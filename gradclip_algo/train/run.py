@@ -33,6 +33,7 @@ from gradclip_algo.train.run_config import (
     RunConfigError,
     TransformerConfig,
 )
+from gradclip_algo.train.run_end import RunEnd, RunGuard
 from gradclip_algo.train.text_data import train_and_eval_windows
 
 CONFIG_FILE = "config.yaml"
@@ -64,7 +65,7 @@ class RunResult:
     """A finished run: its folder, its per-step records and their summary.
 
     ``clipping`` describes the clipping set-up (``'none'`` without one); ``threshold`` is λ for norm
-    clipping, the value the pre-clip norm is compared with, else ``None``.
+    clipping, the value the pre-clip norm is compared with, else ``None``; ``end``: how it ended.
     """
 
     folder: Path
@@ -72,6 +73,7 @@ class RunResult:
     summary: RunSummary
     clipping: str
     threshold: float | None
+    end: RunEnd
 
 
 def _loader(dataset: Dataset, batch_size: int, seed: int, train: bool) -> DataLoader:
@@ -210,6 +212,8 @@ def make_trainer(
     """The ``Trainer`` of a run: ``parts``, the duration, lr schedule, seed and microbatching of ``config``,
     no loggers.
 
+    ``callbacks`` are followed by a :class:`~gradclip_algo.train.run_end.RunGuard`, which ends the run (see
+    :func:`~gradclip_algo.train.run_end.fit`) at a non-finite loss, as ``config`` says, or on a stop request.
     ``evaluate`` adds the evaluation set, run once at the end; ``options`` go to ``Trainer`` as they are.
     """
     interval = (
@@ -224,7 +228,7 @@ def make_trainer(
         schedulers=parts.scheduler,
         step_schedulers_every_batch=True,
         algorithms=parts.algorithms,
-        callbacks=callbacks,
+        callbacks=[*callbacks, RunGuard(config.stop_on_nonfinite_loss)],
         loggers=[],
         seed=config.seed,
         device_train_microbatch_size=config.device_train_microbatch_size,

@@ -18,7 +18,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from gradclip_algo.validation import check_choice, check_positive_number
+from gradclip_algo.config import algorithms_block
+from gradclip_algo.validation import check_batches, check_bool, check_choice, check_positive_number
 
 Check = Callable[[str, Any], Any]
 
@@ -60,6 +61,8 @@ _optimizer_name = _config_error(check_choice, OPTIMIZERS)
 _schedule_name = _config_error(check_choice, SCHEDULES)
 _task_name = _config_error(check_choice, TASKS)
 _text_name = _config_error(check_choice, TEXTS)
+_flag = _config_error(check_bool)
+_batches = _config_error(check_batches, 1)
 
 
 def _fraction(field_name: str, value: Any) -> float:
@@ -101,6 +104,17 @@ def _mapping(field_name: str, value: Any) -> dict[str, Any]:
 
 def _optional_mapping(field_name: str, value: Any) -> dict[str, Any]:
     return {} if value is None else _mapping(field_name, value)
+
+
+def _algorithms(field_name: str, value: Any) -> dict[str, Any]:
+    """The ``algorithms:`` block: a mapping, ``None`` (none), or a preset's name or a YAML file's path,
+    read into its block (so ``config.yaml`` records the settings themselves)."""
+    if isinstance(value, str):
+        try:
+            value = algorithms_block(value)
+        except ValueError as err:
+            raise RunConfigError(f"{field_name}: {err}") from err
+    return _optional_mapping(field_name, value)
 
 
 def setting(default: Any, check: Check) -> Any:
@@ -159,7 +173,7 @@ class LanguageModelTaskConfig:
     batch_size: int = setting(16, _int_at_least(1))
     eval_fraction: float = setting(0.1, _fraction)
     eval_windows: int = setting(128, _int_at_least(1))
-    eval_interval: int = setting(25, _int_at_least(1))
+    eval_interval: int = setting(25, _batches)
 
 
 @dataclass(frozen=True)
@@ -201,7 +215,12 @@ class OptimizerConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """One training run. The run folder is ``<run_folder>/<run_name>``."""
+    """One training run. The run folder is ``<run_folder>/<run_name>``.
+
+    ``stop_on_nonfinite_loss`` (default true) ends the run after the first step whose loss is inf or NaN;
+    false trains on to ``max_duration``. ``algorithms`` is llm-foundry's block, or a preset's name or a
+    YAML file's path, read into the block.
+    """
 
     run_name: str = setting(MISSING, _run_name)
     run_folder: str = setting("runs", _folder)
@@ -209,10 +228,11 @@ class RunConfig:
     max_duration: str = setting("2000ba", _duration)
     device_train_microbatch_size: int | None = setting(None, _optional_positive_int)
     cpu_threads: int = setting(1, _int_at_least(1))
+    stop_on_nonfinite_loss: bool = setting(True, _flag)
     task: TaskConfig | LanguageModelTaskConfig = block(TaskConfig, TASK_BLOCKS)
     model: ModelConfig | TransformerConfig = block(ModelConfig, MODEL_BLOCKS)
     optimizer: OptimizerConfig = block(OptimizerConfig)
-    algorithms: dict[str, Any] = setting({}, _optional_mapping)
+    algorithms: dict[str, Any] = setting({}, _algorithms)
 
 
 def _build(schema: type, values: Any, path: str) -> Any:
