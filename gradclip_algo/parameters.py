@@ -267,6 +267,20 @@ def with_grads(
     return selected, params, grads
 
 
+def _model_names(names: tuple[str, ...]) -> list[str]:
+    """The names an ``exclude`` predicate is called with: each name without wrapper segments, less a
+    ``module.<name>`` alias (what ``DistributedDataParallel`` lists) of a name also present. A predicate
+    such as ``name != "head.bias"`` then sees the model's own names, as a glob's variants would not let it."""
+    bare = list(dict.fromkeys(unwrapped_name(name) for name in names))
+    present = set(bare)
+    kept = []
+    for name in bare:
+        stripped = name.removeprefix(WRAPPER_PREFIX)
+        if stripped == name or stripped not in present:
+            kept.append(name)
+    return kept
+
+
 class Exclusion:
     """The ``exclude`` patterns and predicates of a clipper, and which patterns ever matched a name."""
 
@@ -288,7 +302,7 @@ class Exclusion:
                 if any(fnmatch.fnmatchcase(variant, rule) for variant in variants):
                     self.matched.add(rule)
                     hit = True
-            elif any(bool(rule(name, param)) for name in names):
+            elif any(bool(rule(name, param)) for name in _model_names(names)):
                 hit = True
         return hit
 

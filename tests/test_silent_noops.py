@@ -143,3 +143,27 @@ def test_a_tied_weight_is_excluded_by_any_of_its_names_in_every_form(form: str) 
     clip_without_warnings(parameters, ["m.lm_head.*" if "prefix" in form else "lm_head.*"])
     assert torch.equal(model.embed.weight.grad, shared)
     assert model.block.weight.grad.norm() < 1e-6
+
+
+@pytest.mark.parametrize("wrap", ["plain", "compile", "pairs-of-compile"])
+def test_an_exclude_predicate_sees_the_models_own_names(wrap: str) -> None:
+    """A predicate is called with the model's names, without wrapper segments: ``name != 'block.bias'``
+    clips ``block.bias`` alone, through ``torch.compile`` too (where globs also match the wrapped names)."""
+    model = TinyLM()
+    seen: set[str] = set()
+
+    def keep_only_block_bias(name: str, _: torch.Tensor) -> bool:
+        seen.add(name)
+        return name != "block.bias"
+
+    compiled = torch.compile(model)
+    passed = {"plain": model, "compile": compiled, "pairs-of-compile": compiled.named_parameters()}[wrap]
+    backward(model)
+    before = {name: p.grad.clone() for name, p in model.named_parameters()}
+    apply_gradient_clipping(passed, "norm", 1e-6, exclude=keep_only_block_bias)
+    assert {"embed.weight", "block.weight", "block.bias"} <= seen <= {*before, "lm_head.weight"}
+    for name, param in model.named_parameters():
+        if name == "block.bias":
+            assert param.grad.norm().item() == pytest.approx(1e-6, rel=1e-3)
+        else:
+            assert torch.equal(param.grad, before[name])
