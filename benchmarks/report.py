@@ -161,8 +161,9 @@ def _ratio(numerator: float, denominator: float) -> str:
     return f"{numerator / denominator:.2f}" if denominator > 0 else "n/a (torch added <= 0)"
 
 
-def optimizer_step_table(result: StepResult) -> str:
-    """Median, quartiles and added cost over the step alone per case; ours added ÷ torch added."""
+def optimizer_step_table(result: StepResult, targets: bool = True) -> str:
+    """Median, quartiles and added cost over the step alone per case; ours added ÷ torch added (with its
+    target where ``targets``)."""
     lines = [
         f"### Clipping + fused AdamW step: {result.title}",
         "",
@@ -201,8 +202,9 @@ def optimizer_step_table(result: StepResult) -> str:
     if FOLDED in result.seconds:
         ours = result.added_median(FOLDED)
         lines.append(
-            f"\nOurs folded added ÷ torch added: **{_ratio(ours, torch_added)}** (target <= {STEP_TARGET}; "
-            f"the least a fold adds: {_ratio(result.added_median(FOLD_FLOOR), torch_added)}); "
+            f"\nOurs folded added ÷ torch added: **{_ratio(ours, torch_added)}** ("
+            + (f"target <= {STEP_TARGET}; " if targets else "")
+            + f"the least a fold adds: {_ratio(result.added_median(FOLD_FLOOR), torch_added)}); "
             f"unfolded: {_ratio(result.added_median(UNFOLDED), torch_added)}."
         )
     else:

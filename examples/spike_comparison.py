@@ -83,7 +83,9 @@ class Outcome:
 def run(
     config: RunConfig, algorithms: dict[str, Any], label: str, bad_batch: BadBatch, folder: Path
 ) -> Outcome:
-    parts = build_parts(replace(config, algorithms=algorithms))
+    # the run without clipping trains on after its loss overflows, so that every set-up runs every step
+    config = replace(config, algorithms=algorithms, stop_on_nonfinite_loss=False)
+    parts = build_parts(config)
     recorder = StepMetricsRecorder(folder / f"{label}.csv")
     trainer = make_trainer(config, parts, [recorder, bad_batch], progress_bar=False)
     trainer.fit()

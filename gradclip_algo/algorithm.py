@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,6 +23,7 @@ try:
 except ModuleNotFoundError as err:
     raise missing_extra(err, "gradclip_algo.GradClipAlgo") from None
 
+from gradclip_algo.caller import warn_at_caller
 from gradclip_algo.clipper import GradientClipper
 from gradclip_algo.folding import prepare_folding, supports_folding
 from gradclip_algo.keys import NAME, REQUIRED, check_keys
@@ -31,7 +31,7 @@ from gradclip_algo.layer_norms import LayerGradNorms, grad_norms_by_name, norm_m
 from gradclip_algo.nonfinite import NonFiniteGradError
 from gradclip_algo.rules import RULES
 from gradclip_algo.stats import ClipStats
-from gradclip_algo.validation import check_bool, check_int
+from gradclip_algo.validation import check_batches, check_bool, check_int
 
 METRIC_PREFIX = "gradient_clipping"
 COUNTERS = ("steps_since_log", "clipped_steps", "skipped_steps")
@@ -75,7 +75,8 @@ class GradClipAlgo(Algorithm):
     Args:
         clipping_type: one of ``gradclip_algo.CLIPPING_TYPES`` (``'norm'``, ``'value'``, ``'adaptive'``, ...).
         clipping_threshold: λ > 0, as in :class:`~gradclip_algo.GradientClipper`.
-        log_interval: log every ``log_interval`` optimizer steps (integer >= 1).
+        log_interval: log every ``log_interval`` optimizer steps: an integer >= 1, or Composer's time string
+            in batches (``'10ba'``; other units are refused).
         log_layer_norms: ``None`` (default) or k >= 1: on logging steps also log the pre-clip L2 grad norm
             of the k largest parameters and of every block (see :mod:`gradclip_algo.layer_norms`).
         **options: the options of :class:`~gradclip_algo.GradientClipper`: the rule's own (``norm_type``,
@@ -145,7 +146,7 @@ class GradClipAlgo(Algorithm):
         check_keys(options, [name for name, value in required.items() if value is REQUIRED])
         try:
             self.clipper = GradientClipper(clipping_type, clipping_threshold, **options)
-            self.log_interval = check_int("log_interval", log_interval, minimum=1)
+            self.log_interval = check_batches("log_interval", log_interval, 1)
             self.log_layer_norms = (
                 None if log_layer_norms is None else check_int("log_layer_norms", log_layer_norms, 1)
             )
@@ -272,10 +273,9 @@ class GradClipAlgo(Algorithm):
     def _set_nonfinite_mode(self, fp16: bool) -> None:
         """Under fp16 AMP the GradScaler handles inf/NaN grads, so the clipper only propagates them."""
         if fp16 and self.nonfinite != "propagate" and not self._warned_fp16:
-            warnings.warn(
+            warn_at_caller(
                 f"{NAME}: nonfinite={self.nonfinite!r} is treated as 'propagate' under "
-                "precision='amp_fp16': the GradScaler already skips steps with inf/NaN gradients",
-                stacklevel=2,
+                "precision='amp_fp16': the GradScaler already skips steps with inf/NaN gradients"
             )
             self._warned_fp16 = True
         self.clipper.nonfinite = "propagate" if fp16 else self.nonfinite
@@ -317,10 +317,7 @@ class GradClipAlgo(Algorithm):
         if not isinstance(state, Mapping):
             raise ValueError(f"{NAME}: state: expected a mapping, got {state!r}")
         if "clipper" not in state:
-            warnings.warn(
-                f"{NAME}: the checkpoint holds no gradclip_algo state ({state!r}); starting fresh",
-                stacklevel=2,
-            )
+            warn_at_caller(f"{NAME}: the checkpoint holds no gradclip_algo state ({state!r}); starting fresh")
             return
         counters = _checked_counters(state)
         try:

@@ -15,7 +15,6 @@ type and shared by stages 2 to 4.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal
@@ -28,6 +27,7 @@ from gradclip_algo.caller import warn_at_caller
 from gradclip_algo.device_state import move_to_, update_unless_
 from gradclip_algo.distributed import Shards, check_process_group, local_shards
 from gradclip_algo.folding import (
+    NO_FOLD,
     FoldPlan,
     Optimizers,
     check_fold_into,
@@ -133,16 +133,14 @@ class GradientClipper:
             and self.nonfinite != "skip"
             and self.skip_spikes is None
         ):
-            warnings.warn(
+            warn_at_caller(
                 f"fold_into: clipping_type={clipping_type!r} clips each element, unit or tensor by its own "
                 "factor and no skip is set (nonfinite='skip' or skip_spikes), so there is nothing to fold; "
-                "fold_into has no effect",
-                stacklevel=2,
+                "fold_into has no effect"
             )
         self.state: State | None = None
         self.spike_state: State | None = None
-        self._warned = False
-        self._warned_fold = False
+        self._warned: set[str] = set()  # the once-per-clipper warnings given so far
 
     @torch.no_grad()
     def __call__(
@@ -170,17 +168,18 @@ class GradientClipper:
         found = self._collect(parameters)
         # a sharded rank without grads still joins reductions
         if not found.shards.grads and found.shards.group is None:
+            self._warn_nothing_clipped(found)
             return ClipStats.empty() if with_stats else None
-        plan = self._plan(optimizers, found)
+        plan = self._plan(optimizers, found) if optimizers else NO_FOLD
         # a skip decided on the device (for the optimizers' found_inf), or the stats of a step skipped here
-        skip = self._check_nonfinite(found, plan)
+        skip = self._check_nonfinite(found, plan) if self.nonfinite != "propagate" else None
         if self.skip_spikes is not None and not isinstance(skip, ClipStats):
             skip = self._judge_spike(found, plan, skip)
         if isinstance(skip, ClipStats):
             return skip
         stats = self._clip(found.shards, with_stats, skip)
         coefficient = None if stats is None else stats.coefficient
-        params = [param for _, param in (found.everything if skip is not None else found.selected)]
+        params = found.params if skip is None or not optimizers else [p for _, p in found.everything]
         folded = scale_or_fold(optimizers, plan, params, found.shards.grads, coefficient, skip)
         if stats is None or not with_stats:
             return None
@@ -192,12 +191,12 @@ class GradientClipper:
         A fold of these grads still waiting for its step is applied first, as unfolded."""
         module = parameters if isinstance(parameters, nn.Module) else None
         everything = collect(parameters, names=self.exclusion is not None)
-        settle_pending([param for _, param in everything])
-        selected, grads = with_grads(everything, self.exclusion, module)
-        if not self._warned and (self.exclusion is not None or not selected):
-            self._warn_about(everything, selected)
-        shards = local_shards([param for _, param in selected], module, grads, self.process_group)
-        return _Collected(module, everything, selected, grads, shards)
+        settle_pending(everything)
+        selected, params, grads = with_grads(everything, self.exclusion, module)
+        if self.exclusion is not None and everything:
+            self._warn_unmatched(everything)
+        shards = local_shards(params, module, grads, self.process_group)
+        return _Collected(module, everything, selected, params, grads, shards)
 
     def _check_nonfinite(self, found: _Collected, plan: FoldPlan) -> Tensor | ClipStats | None:
         """The non-finite stage (:func:`~gradclip_algo.nonfinite.check_nonfinite_`): the skip flag for the
@@ -211,26 +210,24 @@ class GradientClipper:
         return _skip_step(found.everything, check.stop)
 
     def _plan(self, optimizers: Optimizers, found: _Collected) -> FoldPlan:
-        """What this call folds into ``optimizers`` (see :class:`~gradclip_algo.folding.FoldPlan`); a skip of
-        a stateful rule only once its state exists. Warns once when the clipper's own ``fold_into`` cannot
-        be folded into."""
-        if not optimizers:
-            return FoldPlan()
+        """What this call folds into ``optimizers`` (at least one; see
+        :class:`~gradclip_algo.folding.FoldPlan`); a skip of a stateful rule only once its state exists. Warns
+        once when the clipper's own ``fold_into`` cannot be folded into."""
         plan = FoldPlan.make(
             optimizers,
-            [param for _, param in found.selected],
+            found.params,
             [param for _, param in found.everything if param.grad is not None],
             local=found.shards.layout == "local",
             factor_why_not=self.factor_why_not,
         )
         if plan.skip and self.rule.init is not None and self.state is None:
             plan = replace(plan, skip=False)
-        if plan.why_not and self.fold_into and not self._warned_fold:
-            warn_at_caller(
+        if plan.why_not and self.fold_into:
+            self._warn_once(
+                "fold",
                 f"fold_into: the clipping is not folded into the optimizer: {plan.why_not}; the grads are "
-                "rescaled instead"
+                "rescaled instead",
             )
-            self._warned_fold = True
         return plan
 
     def _factor_why_not(self) -> str | None:
@@ -291,30 +288,54 @@ class GradientClipper:
             state, skip, lambda: update(shards, self.clipping_threshold, self.options, state)
         )
 
-    def _warn_about(self, everything: list[Named], selected: list[Named]) -> None:
-        """Warn, once per clipper, where a setting or the input would make the call do nothing."""
-        unmatched = self.exclusion.unmatched() if self.exclusion is not None else []
-        if unmatched and everything:
+    def _warn_once(self, kind: str, message: str) -> None:
+        """Warn at the user's line, once per clipper for each ``kind`` of warning."""
+        if kind not in self._warned:
+            self._warned.add(kind)
+            warn_at_caller(message)
+
+    def _warn_unmatched(self, everything: list[Named]) -> None:
+        """Warn where an ``exclude`` glob matched no parameter name."""
+        assert self.exclusion is not None
+        unmatched = self.exclusion.unmatched()
+        if unmatched:
             examples = ", ".join(repr(n) for names, _ in everything[:3] for n in names[:1])
-            warnings.warn(
+            self._warn_once(
+                "exclude",
                 f"exclude: pattern(s) {', '.join(map(repr, unmatched))} match no parameter name (names look "
                 f"like {examples}); nothing is excluded by them",
-                stacklevel=3,
             )
-            self._warned = True
-        if everything and not selected and not any(param.requires_grad for _, param in everything):
-            warnings.warn(
+
+    def _warn_nothing_clipped(self, found: _Collected) -> None:
+        """Warn where a call clips nothing: no tensor has a grad (before ``backward()``, or grads passed in
+        place of parameters), or ``exclude`` leaves out every one that has."""
+        everything = found.everything
+        if not everything:
+            return
+        if any(param.grad is not None for _, param in everything):
+            self._warn_once(
+                "excluded",
+                f"exclude: every parameter that has a .grad is excluded ({self.exclude!r}), so nothing is "
+                "clipped",
+            )
+        elif any(param.requires_grad for _, param in everything):
+            self._warn_once(
+                "no grads",
+                f"parameters: none of the {len(everything)} parameters has a .grad yet, so nothing is clipped "
+                "and the norms are 0; clip after loss.backward()",
+            )
+        else:
+            self._warn_once(
+                "grads passed",
                 f"parameters: none of the {len(everything)} tensors has a .grad or requires grad, so "
                 "nothing is clipped; pass the parameters (e.g. model.parameters()), not their gradients",
-                stacklevel=3,
             )
-            self._warned = True
 
     def _nonfinite_error(
         self, selected: list[Named], grads: list[Tensor], module: nn.Module | None, norm: Tensor
     ) -> Exception:
         if module is not None and self.exclusion is None:  # names were not built on the fast path
-            selected, grads = with_grads(collect(module), None)
+            selected, _, grads = with_grads(collect(module), None)
         pairs = [(names[0] if names else None, param) for names, param in selected]
         return nonfinite_error(pairs, grads, norm)
 
@@ -402,12 +423,13 @@ def _checked_state(name: str, given: Any, fresh: State) -> State:
 @dataclass(frozen=True)
 class _Collected:
     """What a call clips: ``everything`` (each distinct tensor passed, with its names where ``exclude``
-    needs them), the ``selected`` ones with grads and their ``grads``, and the ``shards`` of those grads.
-    ``module``: what was passed, where it was a module."""
+    needs them), the ``selected`` ones with grads (also as tensors, ``params``) and their ``grads``, and
+    the ``shards`` of those grads. ``module``: what was passed, where it was a module."""
 
     module: nn.Module | None
     everything: list[Named]
     selected: list[Named]
+    params: list[Tensor]
     grads: list[Tensor]
     shards: Shards
 

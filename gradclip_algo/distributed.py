@@ -37,6 +37,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from gradclip_algo.norms import power_sum, root
+from gradclip_algo.validation import shown
 
 Partial = Sequence[bool | int] | bool | None
 """Per value of :meth:`Shards.total`: ``False``/0 whole, ``True`` this rank's share (of the one way the
@@ -72,9 +73,9 @@ def check_process_group(field_name: str, value: Any) -> Any:
         return None
     if dist.is_available() and isinstance(value, dist.ProcessGroup):
         return value
-    raise ValueError(
+    raise TypeError(
         f"{field_name}: expected a torch.distributed ProcessGroup (the group of ranks across which the "
-        f"model's parameters are split into pipeline stages) or None, got {value!r}; a YAML file cannot "
+        f"model's parameters are split into pipeline stages) or None, got {shown(value)}; a YAML file cannot "
         f"hold a process group: pass {field_name}= from Python (GradientClipper, apply_gradient_clipping "
         "or GradClipAlgo)"
     )
@@ -316,7 +317,17 @@ def _whole(params: Sequence[Tensor], grads: Sequence[Tensor] | None, stages: Any
     n = len(params)
     grads = [p.grad for p in params] if grads is None else list(grads)
     home = None if stages is None or grads else _group_device(stages)
-    return Shards(list(params), grads, [False] * n, [True] * n, home=home, stages=stages)
+    split = [False] * n
+    return Shards(
+        list(params),
+        grads,
+        split,
+        [True] * n,
+        home=home,
+        reduction=[0] * n,
+        unit_groups=[()] * n,
+        stages=stages,
+    )
 
 
 def _fsdp1_shards(params: Sequence[Tensor], module: nn.Module, fsdp1: list[nn.Module], stages: Any) -> Shards:

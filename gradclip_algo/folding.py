@@ -66,6 +66,8 @@ from torch.optim import Optimizer
 
 from gradclip_algo.caller import warn_at_caller
 from gradclip_algo.norms import scale_grads_
+from gradclip_algo.parameters import Named
+from gradclip_algo.validation import shown
 
 Optimizers = Sequence[Optimizer]
 ATTRIBUTES = ("grad_scale", "found_inf")
@@ -100,12 +102,15 @@ def check_fold_into(field: str, value: Any) -> tuple[Optimizer, ...]:
         return ()
     if isinstance(value, Optimizer):
         return (value,)
-    if isinstance(value, (list, tuple)) and all(isinstance(item, Optimizer) for item in value):
-        return tuple(value)
-    raise TypeError(
-        f"{field}: expected a torch.optim.Optimizer (e.g. AdamW(..., fused=True)), a list of them or None, "
-        f"got {value!r}"
+    expected = (
+        f"{field}: expected a torch.optim.Optimizer (e.g. AdamW(..., fused=True)), a list of them or None"
     )
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{expected}, got {shown(value)}")
+    for index, item in enumerate(value):
+        if not isinstance(item, Optimizer):
+            raise TypeError(f"{expected}, got {shown(item)} at index {index} of the {type(value).__name__}")
+    return tuple(value)
 
 
 def factor_is_foldable(threshold: float, norm_type: float) -> bool:
@@ -173,6 +178,10 @@ class FoldPlan:
         )
         why_not = "" if factor_why_not is None else _factor_why_not(stepped, clipped) or factor_why_not
         return cls(tuple(optimizers), factor_why_not is not None and not why_not, skip, why_not)
+
+
+NO_FOLD = FoldPlan()
+"""The plan of a call with no optimizers to fold into."""
 
 
 def _factor_why_not(stepped: dict[int, Tensor], clipped: Sequence[Tensor]) -> str:
@@ -395,13 +404,13 @@ _ACTIVE: weakref.WeakSet[_Ledger] = weakref.WeakSet()
 """Ledgers with a pending fold, a skip's residue, or attributes handed to a step."""
 
 
-def settle_pending(params: Sequence[Tensor]) -> None:
-    """Apply every fold still waiting for its step that concerns a grad of ``params`` to the grads, the
-    unfolded way, before another clipping call reads them (a pending skip is read: a host sync). Raises
-    :class:`FoldError` where a folded grad was written in place since."""
+def settle_pending(named: Sequence[Named]) -> None:
+    """Apply every fold still waiting for its step that concerns a grad of the parameters ``named`` to the
+    grads, the unfolded way, before another clipping call reads them (a pending skip is read: a host
+    sync). Raises :class:`FoldError` where a folded grad was written in place since."""
     if not _ACTIVE:
         return
-    ids = {id(param) for param in params}
+    ids = {id(param) for _, param in named}
     for ledger in list(_ACTIVE):
         if ledger.handed is not None and not ledger.can_take_fold():  # recovers a step that raised
             continue

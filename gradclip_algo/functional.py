@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -52,11 +53,20 @@ def apply_gradient_clipping(
         :class:`ClipStats` with 0-d device tensors. No host sync happens unless ``nonfinite`` is
         ``'error'`` or ``'skip'`` (one sync each call to decide; none for a folded skip).
 
+    Plain arguments (strings, numbers, booleans, ``None``; no ``exclude`` or ``fold_into``) are validated
+    once: a later call with equal arguments of the same types reuses that set-up (it holds no statistics),
+    and gives the same warnings as a first call.
+
     Raises:
         TypeError, ValueError: for a bad argument, naming it, its value and what is allowed, before any
             grad changes.
     """
-    clipper = GradientClipper(clipping_type, clipping_threshold, fold_into=fold_into, **options)
+    key = _plain_key(clipping_type, clipping_threshold, options) if fold_into is None else None
+    if key is not None:
+        clipper = _clipper_of(key)
+        clipper._warned.clear()  # its once-per-clipper warnings come at every call, as from a new clipper
+    else:
+        clipper = GradientClipper(clipping_type, clipping_threshold, fold_into=fold_into, **options)
     if clipper.stateful:
         raise ValueError(
             f"clipping_type={clipping_type!r} with these options keeps statistics across steps, which a "
@@ -64,3 +74,30 @@ def apply_gradient_clipping(
             "clipper(model) every step"
         )
     return clipper(parameters, with_stats=with_stats)
+
+
+PLAIN = (str, int, float, bool, type(None))
+"""The argument types whose clipper :func:`apply_gradient_clipping` keeps for the next call with equal
+arguments: immutable values. A clipper holds no statistics there, so a kept one clips as a new one would."""
+
+
+def _plain_key(clipping_type: Any, threshold: Any, options: dict[str, Any]) -> tuple[Any, ...] | None:
+    """The arguments as a key, each value with its type (``1`` and ``True`` differ), or ``None`` where one
+    is not :data:`PLAIN` or ``exclude`` is set (an exclusion remembers which patterns matched)."""
+    if "exclude" in options or type(clipping_type) not in PLAIN or type(threshold) not in PLAIN:
+        return None
+    key: list[Any] = [clipping_type, type(threshold), threshold]
+    for name in sorted(options):
+        value = options[name]
+        if type(value) not in PLAIN:
+            return None
+        key += (name, type(value), value)
+    return tuple(key)
+
+
+@functools.lru_cache(maxsize=64)
+def _clipper_of(key: tuple[Any, ...]) -> GradientClipper:
+    """The clipper of a :func:`_plain_key`, built (and validated) once."""
+    clipping_type, _, threshold = key[:3]
+    options = {key[i]: key[i + 2] for i in range(3, len(key), 3)}
+    return GradientClipper(clipping_type, threshold, **options)

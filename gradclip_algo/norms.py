@@ -28,7 +28,10 @@ def group_by_device_and_dtype(tensors: list[Tensor]) -> dict[GroupKey, list[int]
     if not tensors:
         return {}
     grouped = _group_tensors_by_device_and_dtype([tensors], with_indices=True)
-    return {key: indices for key, (_, indices) in grouped.items()}
+    by_key: dict[GroupKey, list[int]] = {}
+    for key, (_, indices) in grouped.items():
+        by_key[key] = indices
+    return by_key
 
 
 def sum_dtype(tensors: list[Tensor]) -> torch.dtype:

@@ -7,10 +7,13 @@ grad's layout, dtype and device, and the ``exclude`` patterns.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import inspect
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from gradclip_algo.validation import shown
 
 Predicate = Callable[[str, Tensor], bool]
 Exclude = str | Predicate | Sequence[str | Predicate] | None
@@ -43,23 +46,25 @@ Named = tuple[tuple[str, ...], Tensor]
 """``(names, param)``: a parameter and every name it has (tied weights have several; bare tensors none)."""
 
 
-def _module_parameters(module: nn.Module) -> list[Tensor]:
-    """``list(module.parameters())``, in its order, without building the names. Modules are told apart
-    by ``id``: some (torchmetrics' metrics, held by Composer models) define a costly ``__hash__``."""
-    found: list[Tensor] = []
+def _module_parameters(module: nn.Module) -> list[Named]:
+    """``list(module.parameters())``, in its order, each without names (none are built). Modules are told
+    apart by ``id``: some (torchmetrics' metrics, held by Composer models) define a costly ``__hash__``."""
+    found: list[Named] = []
     seen_modules: set[int] = set()
     seen_params: set[int] = set()
-    stack = [module]
+    stack: list[nn.Module | None] = [module]
     while stack:
         current = stack.pop()
-        if id(current) in seen_modules:
+        if current is None or id(current) in seen_modules:
             continue
         seen_modules.add(id(current))
         for param in current._parameters.values():
             if param is not None and id(param) not in seen_params:
                 seen_params.add(id(param))
-                found.append(param)
-        stack.extend(child for child in reversed(current._modules.values()) if child is not None)
+                found.append(((), param))
+        children = list(current._modules.values())
+        children.reverse()
+        stack += children
     return found
 
 
@@ -74,49 +79,79 @@ def _unwrapped_module(module: nn.Module) -> nn.Module:
             return module
 
 
-def _kind(value: object) -> str:
-    return type(value).__name__
-
-
 def collect(parameters: Parameters, names: bool = True) -> list[Named]:
     """Each distinct tensor of ``parameters`` once, with its names.
 
-    ``parameters``: a Module (all its names, tied weights included, when ``names``; a model wrapped in
-    ``DistributedDataParallel`` or ``torch.compile`` is named as the model itself, without FSDP1 and
-    checkpoint wrapper segments), one tensor, or an iterable of tensors or ``(name, tensor)`` pairs. Raises ``TypeError`` for anything else, naming what
-    was passed, and ``ValueError`` for an iterator that yields nothing (one already used up).
+    ``parameters``: a Module, one tensor, or an iterable of tensors or ``(name, tensor)`` pairs. Raises
+    ``TypeError`` for anything else, naming what was passed, and ``ValueError`` for an iterator that yields
+    nothing (one already used up).
+
+    Names (where ``names``), as an ``exclude`` glob sees them, are the same for a module and for its
+    ``named_parameters()`` passed unread: every name of a tied tensor (``named_parameters()`` lists a shared
+    tensor under its first name only, so the module it came from names the rest), both as the module names
+    it and without the segments and prefixes of ``DistributedDataParallel``, ``torch.compile``, FSDP1 and
+    activation-checkpoint wrappers. The first name of each tensor is the unwrapped one.
     """
     if isinstance(parameters, nn.Module):
-        return _from_module(_unwrapped_module(parameters), names)
+        if not names:
+            return _module_parameters(_unwrapped_module(parameters))
+        return list(_names_in_module(parameters).values())
     if isinstance(parameters, Tensor):
         return [((), parameters)]
     _check_iterable(parameters)
-    return _from_iterable(parameters)
+    source = _named_parameters_source(parameters) if names else None
+    found = _from_iterable(parameters)
+    if source is None:
+        return found
+    known = _names_in_module(*source)
+    return [(_merged(known.get(id(param), ((), param))[0], given), param) for given, param in found]
 
 
-def _from_module(module: nn.Module, names: bool) -> list[Named]:
-    """Each parameter of ``module`` once, with every name it has (none where not ``names``)."""
-    if not names:
-        return [((), param) for param in _module_parameters(module)]
-    by_id: dict[int, Named] = {}
-    for wrapped_name, param in module.named_parameters(remove_duplicate=False):
-        name = unwrapped_name(wrapped_name)
-        known = by_id.get(id(param))
-        by_id[id(param)] = ((*known[0], name) if known else (name,), param)
-    return list(by_id.values())
+def _merged(*names: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(name for group in names for name in group))
+
+
+def _named_parameters_source(parameters: object) -> tuple[nn.Module, str, bool] | None:
+    """The module, ``prefix`` and ``recurse`` of an unread ``module.named_parameters(...)`` generator."""
+    if not (
+        inspect.isgenerator(parameters)
+        and parameters.gi_code is nn.Module.named_parameters.__code__
+        and inspect.getgeneratorstate(parameters) == inspect.GEN_CREATED
+    ):
+        return None
+    local = inspect.getgeneratorlocals(parameters)
+    module = local.get("self")
+    if not isinstance(module, nn.Module):
+        return None
+    return module, str(local.get("prefix", "")), bool(local.get("recurse", True))
+
+
+def _names_in_module(module: nn.Module, prefix: str = "", recurse: bool = True) -> dict[int, Named]:
+    """Each parameter of ``module`` (by ``id``) with every name it has: unwrapped first (through the
+    model inside ``DistributedDataParallel`` and ``torch.compile`` wrappers, without FSDP1 and
+    checkpoint segments), then as ``module`` itself names it where that differs."""
+    inner = _unwrapped_module(module)
+    found: dict[int, Named] = {}
+    listings = [(inner, True)] + ([(module, False)] if inner is not module else [])
+    for source, unwrap in listings:
+        for name, param in source.named_parameters(prefix=prefix, recurse=recurse, remove_duplicate=False):
+            names = (unwrapped_name(name), name) if unwrap else (name,)
+            known = found.get(id(param), ((), param))[0]
+            found[id(param)] = (_merged(known, names), param)
+    return found
 
 
 def _check_iterable(parameters: object) -> None:
     """``TypeError`` for an optimizer, a string or anything that is not iterable, naming what was passed."""
     if isinstance(parameters, torch.optim.Optimizer):
         raise TypeError(
-            f"parameters: got an optimizer ({_kind(parameters)}); pass the model, or "
+            f"parameters: got an optimizer ({type(parameters).__name__}); pass the model, or "
             "[p for group in optimizer.param_groups for p in group['params']]"
         )
     if isinstance(parameters, (str, bytes)) or not isinstance(parameters, Iterable):
         raise TypeError(
             "parameters: expected an nn.Module, a tensor, or an iterable of tensors or (name, tensor) "
-            f"pairs, got {parameters!r} ({_kind(parameters)})"
+            f"pairs, got {shown(parameters)}"
         )
 
 
@@ -127,10 +162,13 @@ def _from_iterable(parameters: Iterable[Tensor] | Iterable[tuple[str, Tensor]]) 
     unique: dict[int, Named] = {}
     for item in parameters:
         name, tensor = item if isinstance(item, tuple) and len(item) == 2 else (None, item)
-        if not isinstance(tensor, Tensor) or not (name is None or isinstance(name, str)):
+        if isinstance(item, Mapping) and "params" in item:
             raise TypeError(
-                f"parameters: expected tensors or (name, tensor) pairs, got {item!r} ({_kind(item)}) in it"
+                "parameters: got an optimizer's param_groups (dicts with 'params'); pass the model, or "
+                "[p for group in optimizer.param_groups for p in group['params']]"
             )
+        if not isinstance(tensor, Tensor) or not (name is None or isinstance(name, str)):
+            raise TypeError(f"parameters: expected tensors or (name, tensor) pairs, got {shown(item)} in it")
         known = unique.get(id(tensor))
         given = () if name is None else (name,)
         unique[id(tensor)] = ((*known[0], *given) if known else given, tensor)
@@ -150,15 +188,33 @@ def check_exclude(exclude: Exclude) -> list[str | Predicate]:
     if not isinstance(rules, (list, tuple)):
         raise TypeError(
             "exclude: expected a glob pattern, a callable (name, param) -> bool, or a list of these, "
-            f"got {exclude!r} ({_kind(exclude)})"
+            f"got {shown(exclude)}"
         )
     for rule in rules:
         if not (isinstance(rule, str) or callable(rule)):
             raise TypeError(
-                "exclude: expected glob patterns or callables (name, param) -> bool, got "
-                f"{rule!r} ({_kind(rule)}) in {exclude!r}"
+                f"exclude: expected glob patterns or callables (name, param) -> bool, got {shown(rule)} in it"
             )
+        if callable(rule):
+            _check_predicate(rule)
     return list(rules)
+
+
+def _check_predicate(rule: Callable[..., object]) -> None:
+    """``TypeError`` where ``rule`` cannot be called as ``rule(name, param)`` (callables whose signature
+    Python cannot read are taken as they are)."""
+    try:
+        signature = inspect.signature(rule)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind("name", None)
+    except TypeError:
+        what = getattr(rule, "__qualname__", type(rule).__name__)
+        raise TypeError(
+            f"exclude: a callable is called as rule(name, param) and returns whether to exclude param; "
+            f"{what}{signature} cannot take those two arguments"
+        ) from None
 
 
 def _names_in(module: nn.Module, param: Tensor) -> tuple[str, ...]:
@@ -189,13 +245,14 @@ def _grad_error(item: Named, grad: Tensor, module: nn.Module | None) -> Exceptio
 
 def with_grads(
     named: list[Named], excluded: Callable[[Named], bool] | None, module: nn.Module | None = None
-) -> tuple[list[Named], list[Tensor]]:
-    """The parameters whose ``.grad`` is set and that ``excluded`` does not match, and their grads.
+) -> tuple[list[Named], list[Tensor], list[Tensor]]:
+    """The parameters whose ``.grad`` is set and that ``excluded`` does not match (as ``named`` gives them,
+    and as tensors), and their grads.
 
     Every grad is checked first (:func:`_grad_error`), so a bad one raises before any grad changes; its
     error names the parameter, looked up in ``module`` where ``named`` carries no names.
     """
-    selected, grads = [], []
+    selected, params, grads = [], [], []
     for item in named:
         if excluded is not None and excluded(item):
             continue
@@ -205,8 +262,23 @@ def with_grads(
         if grad.dtype not in FLOATING or grad.layout is not torch.strided or grad.is_meta:
             raise _grad_error(item, grad, module)
         selected.append(item)
+        params.append(item[1])
         grads.append(grad)
-    return selected, grads
+    return selected, params, grads
+
+
+def _model_names(names: tuple[str, ...]) -> list[str]:
+    """The names an ``exclude`` predicate is called with: each name without wrapper segments, less a
+    ``module.<name>`` alias (what ``DistributedDataParallel`` lists) of a name also present. A predicate
+    such as ``name != "head.bias"`` then sees the model's own names, as a glob's variants would not let it."""
+    bare = list(dict.fromkeys(unwrapped_name(name) for name in names))
+    present = set(bare)
+    kept = []
+    for name in bare:
+        stripped = name.removeprefix(WRAPPER_PREFIX)
+        if stripped == name or stripped not in present:
+            kept.append(name)
+    return kept
 
 
 class Exclusion:
@@ -230,7 +302,7 @@ class Exclusion:
                 if any(fnmatch.fnmatchcase(variant, rule) for variant in variants):
                     self.matched.add(rule)
                     hit = True
-            elif any(bool(rule(name, param)) for name in names):
+            elif any(bool(rule(name, param)) for name in _model_names(names)):
                 hit = True
         return hit
 

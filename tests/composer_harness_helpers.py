@@ -118,6 +118,9 @@ class Setup:
     resumable: bool = True
     """Whether Composer can resume this list from a checkpoint (not with SAM: its wrapped optimizer's
     weights mismatch on load, as Composer warns)."""
+    folds: bool = False
+    """Whether ``fold_into_optimizer=True`` folds anything here (a norm factor into a fused optimizer where
+    nothing else acts on the grads, or a skip); elsewhere the folded and unfolded runs are one run."""
 
     @property
     def fused(self) -> bool:
@@ -133,19 +136,20 @@ class Setup:
 INF = math.inf
 
 SETUPS = (
-    Setup("norm", lambda f: [gca(f, "norm", 0.1)]),
-    Setup("norm-fused_sgd", lambda f: [gca(f, "norm", 0.1)], optimizer="sgd"),
+    Setup("norm", lambda f: [gca(f, "norm", 0.1)], folds=True),
+    Setup("norm-fused_sgd", lambda f: [gca(f, "norm", 0.1)], optimizer="sgd", folds=True),
     Setup("norm-plain_adam", lambda f: [gca(f, "norm", 0.1)], optimizer="adam"),
     Setup("value", lambda f: [gca(f, "value", 0.01)]),
     Setup("adaptive", lambda f: [gca(f, "adaptive", 0.01)]),
     Setup("quantile", lambda f: [gca(f, "quantile", INF, window=4)]),
     Setup("zscore", lambda f: [gca(f, "zscore", INF, warmup_steps=2)]),
     Setup("adagc", lambda f: [gca(f, "adagc", INF, warmup_steps=2)]),
-    Setup("norm-skip_spikes", lambda f: [gca(f, "norm", 0.1, skip_spikes=3.0, spike_window=4)]),
+    Setup("norm-skip_spikes", lambda f: [gca(f, "norm", 0.1, skip_spikes=3.0, spike_window=4)], folds=True),
     Setup(
         "zscore-skip_spikes-sgd",
         lambda f: [gca(f, "zscore", INF, warmup_steps=2, skip_spikes=3.0, spike_window=4)],
         optimizer="sgd",
+        folds=True,
     ),
     # list order [GradientClipping, GradClipAlgo]: GradClipAlgo clips first, then Composer's
     Setup(
@@ -159,7 +163,7 @@ SETUPS = (
     ),
     Setup("norm0.5-norm0.1", lambda f: [gca(f, "norm", 0.5), gca(f, "norm", 0.1)]),
     Setup("value0.01-norm0.1", lambda f: [gca(f, "value", 0.01), gca(f, "norm", 0.1)]),
-    Setup("norm-label_smoothing", lambda f: [gca(f, "norm", 0.1), LabelSmoothing(smoothing=0.1)]),
+    Setup("norm-label_smoothing", lambda f: [gca(f, "norm", 0.1), LabelSmoothing(smoothing=0.1)], folds=True),
     # SAM wraps the optimizer at AFTER_LOAD and runs the closure (forward, backward, clip) twice a step
     Setup("sam-norm", lambda f: [SAM(rho=0.05), gca(f, "norm", 0.1)], resumable=False),
 )

@@ -4,7 +4,7 @@
 Each case builds a model, wraps it (DDP, FSDP1 with and without ``use_orig_params``, FSDP2, TP, pipeline
 stages, 2-D meshes), trains it on its rank's part of a global batch and checks the result against a
 single-process reference that sees the whole batch. Cases do their collectives first and their local
-asserts last, so a failing assert leaves the ranks in step for the next case. :func:`run_cases` returns,
+asserts last, so a failing assert leaves the ranks in step for the next case. :func:`start_cases` starts them; :meth:`Spawn.results` returns,
 per case, each rank's traceback or ``None``.
 
 The cases, by feature (each module registers its cases in ``distributed_common.CASES``):
@@ -37,7 +37,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from distributed_common import CASES, FOUR_RANKS, LIMITS, WORLD_SIZE
 
-__all__ = ["CASES", "FOUR_RANKS", "LIMITS", "WORLD_SIZE", "run_cases"]
+__all__ = ["CASES", "FOUR_RANKS", "LIMITS", "WORLD_SIZE", "Spawn", "start_cases"]
 CASE_MODULES = (distributed_cases_rules, distributed_cases_nonfinite, distributed_cases_layouts)
 """The modules whose cases every rank runs (importing them registers their cases, in this order)."""
 
@@ -98,27 +98,42 @@ def _rank_main(
     dist.destroy_process_group()
 
 
-def run_cases(
-    names: list[str], extra_cases: str | None = None, timeout: float = 600.0, world_size: int = WORLD_SIZE
-) -> dict[str, list[str | None]]:
-    """Run ``names`` on ``world_size`` spawned ranks; per case, each rank's traceback (``None`` where it
-    passed).
+class Spawn:
+    """Ranks started by :func:`start_cases`, running while the caller does other work."""
 
-    ``extra_cases`` names a module that each rank imports first to register more cases.
-    """
-    with tempfile.TemporaryDirectory() as out_dir:
-        context = mp.start_processes(
+    def __init__(self, names: list[str], extra_cases: str | None, world_size: int, timeout: float) -> None:
+        self.names = names
+        self.world_size = world_size
+        self.out_dir = tempfile.TemporaryDirectory()
+        self.deadline = time.monotonic() + timeout
+        self.timeout = timeout
+        self.context = mp.start_processes(
             _rank_main,
-            (free_port(), names, out_dir, extra_cases, world_size),
+            (free_port(), names, self.out_dir.name, extra_cases, world_size),
             nprocs=world_size,
             join=False,
             start_method="spawn",
         )
-        deadline = time.monotonic() + timeout
-        while not context.join(timeout=max(deadline - time.monotonic(), 0.0)):
-            if time.monotonic() >= deadline:
-                for process in context.processes:
-                    process.kill()
-                raise TimeoutError(f"the ranks did not finish within {timeout:.0f} s")
-        results = [json.loads(Path(out_dir, f"rank{rank}.json").read_text()) for rank in range(world_size)]
-    return {name: [result[name] for result in results] for name in names}
+
+    def results(self) -> dict[str, list[str | None]]:
+        """Wait for the ranks; per case, each rank's traceback (``None`` where it passed)."""
+        with self.out_dir as out_dir:
+            while not self.context.join(timeout=max(self.deadline - time.monotonic(), 0.0)):
+                if time.monotonic() >= self.deadline:
+                    for process in self.context.processes:
+                        process.kill()
+                    raise TimeoutError(f"the ranks did not finish within {self.timeout:.0f} s")
+            found = [
+                json.loads(Path(out_dir, f"rank{rank}.json").read_text()) for rank in range(self.world_size)
+            ]
+        return {name: [result[name] for result in found] for name in self.names}
+
+
+def start_cases(
+    names: list[str], extra_cases: str | None = None, timeout: float = 600.0, world_size: int = WORLD_SIZE
+) -> Spawn:
+    """Start ``names`` on ``world_size`` spawned ranks and return at once; :meth:`Spawn.results` waits.
+
+    ``extra_cases`` names a module that each rank imports first to register more cases.
+    """
+    return Spawn(names, extra_cases, world_size, timeout)

@@ -496,7 +496,12 @@ def test_repr() -> None:
         ),
         (("norm", -1.0), {}, ValueError, r"clipping_threshold: expected a number > 0 and finite, got -1.0"),
         (("norm", "1.0"), {}, ValueError, r"clipping_threshold: .* got '1.0' \(str\)"),
-        (("norm", 1.0), {"log_interval": 0}, ValueError, r"log_interval: expected an integer >= 1, got 0"),
+        (
+            ("norm", 1.0),
+            {"log_interval": 0},
+            ValueError,
+            r"log_interval: expected an integer >= 1 or a count of batches such as .10ba., got 0",
+        ),
         (("norm", 1.0), {"log_interval": True}, ValueError, r"log_interval: .* got True"),
         (("norm", 1.0), {"log_interval": 2.0}, ValueError, r"log_interval: .* got 2.0"),
         (("norm", 1.0), {"eps": 1e-3}, TypeError, r"unknown option\(s\) eps; allowed: "),

@@ -40,7 +40,8 @@ def test_single_tensor_and_generator() -> None:
 
 def test_none_grads_are_skipped_and_no_grads_is_not_an_error() -> None:
     model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
-    stats = apply_gradient_clipping(model, "norm", 1.0)
+    with pytest.warns(UserWarning, match=r"none of the 4 parameters has a \.grad yet"):
+        stats = apply_gradient_clipping(model, "norm", 1.0)
     assert stats.grad_norm.item() == 0.0 and stats.clipped_fraction.item() == 0.0
     model[1].weight.grad = torch.full((3, 3), 10.0)
     stats = apply_gradient_clipping(model, "norm", 1.0)
@@ -135,3 +136,22 @@ def test_one_shot_call_refuses_what_needs_statistics(clipping_type: str, options
     ):
         apply_gradient_clipping(param, clipping_type, 1.0, **options)
     assert torch.equal(param.grad, torch.ones(2))
+
+
+def test_one_shot_calls_share_one_validated_set_up_per_arguments() -> None:
+    """Equal plain arguments reuse the set-up validated at the first call, and clip as a new one would; an
+    equal value of another type (``True`` after ``1``) is validated anew, and refused."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    model(torch.randn(8, 4)).square().sum().backward()
+    twin = [nn.Parameter(p.detach().clone()) for p in model.parameters()]
+    for copy, param in zip(twin, model.parameters(), strict=True):
+        copy.grad = param.grad.clone()
+    first = apply_gradient_clipping(model, "norm", 1, norm_type=2.0)
+    second = apply_gradient_clipping(model, "norm", 1, norm_type=2.0)  # the grads now have norm 1
+    assert first.grad_norm.item() > 1.0 and second.grad_norm.item() == pytest.approx(1.0, rel=1e-6)
+    torch.nn.utils.clip_grad_norm_(twin, 1.0)
+    for param, want in zip(model.parameters(), twin, strict=True):
+        torch.testing.assert_close(param.grad, want.grad)
+    with pytest.raises(ValueError, match=r"clipping_threshold: expected a number > 0 and finite, got True"):
+        apply_gradient_clipping(model, "norm", True, norm_type=2.0)

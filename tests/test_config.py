@@ -158,7 +158,7 @@ ALLOWED = ", ".join(allowed_fields())
         ),
         (
             {"gradclip_algo": {**SETTINGS, "log_interval": 0}},
-            r"^algorithms\.gradclip_algo: GradClipAlgo: log_interval: expected an integer >= 1, got 0$",
+            r"^algorithms\.gradclip_algo: GradClipAlgo: log_interval: expected an integer >= 1 or a count of batches such as '10ba', got 0$",
         ),
         (
             {"gradclip_algo": {"clipping_type": "l2", "clipping_threshold": 1.0}},
@@ -255,3 +255,25 @@ def test_llm_foundry_entry_point() -> None:
     assert [ep.name for ep in ours] == ["gradclip_algo"]
     assert ours[0].load() is GradClipAlgo
     assert ALGORITHM_NAMES == ("gradclip_algo",)
+
+
+@pytest.mark.parametrize(("value", "interval"), [("10ba", 10), ("1e1ba", 10), (" 3 BA ", 3), (4, 4)])
+def test_log_interval_takes_composer_batch_strings(value: Any, interval: int) -> None:
+    (algorithm,) = build_algorithms({"gradclip_algo": {**SETTINGS, "log_interval": value}})
+    assert isinstance(algorithm, GradClipAlgo) and algorithm.log_interval == interval
+
+
+@pytest.mark.parametrize("value", ["1ep", "0.5dur", "100sp", "2tok"])
+def test_log_interval_in_other_units_is_refused_in_one_line(value: str) -> None:
+    with pytest.raises(ValueError) as err:
+        build_algorithms({"gradclip_algo": {**SETTINGS, "log_interval": value}})
+    assert str(err.value) == (
+        "algorithms.gradclip_algo: GradClipAlgo: log_interval: only batches are allowed here (it counts "
+        f"optimizer steps): expected an integer >= 1 or a count of batches such as '10ba', got {value!r}"
+    )
+
+
+@pytest.mark.parametrize("value", ["0ba", "1.5ba", "ba", "10 batches"])
+def test_log_interval_strings_that_are_no_count_of_batches(value: str) -> None:
+    with pytest.raises(ValueError, match=r"log_interval: expected an integer >= 1 or a count of batches"):
+        GradClipAlgo("norm", 1.0, log_interval=value)

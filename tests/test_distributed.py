@@ -1,7 +1,8 @@
 """DDP, FSDP1, FSDP2, TP, pipeline stages on 2 CPU ranks (gloo), and FSDP2 + TP, HSDP and pipeline x FSDP2
 on 2x2 meshes on 4 ranks, each against a single-process reference.
 
-The 2-rank cases run in one spawn of 2 ranks, the 4-rank ones in one spawn of 4 (tests/distributed_worker.py);
+The 2-rank cases run in one spawn of 2 ranks, the 4-rank ones in one spawn of 4, both at once
+(tests/distributed_worker.py);
 each test reports one case's outcome on every rank. The cases are grouped by feature:
 tests/distributed_cases_rules.py, tests/distributed_cases_nonfinite.py, tests/distributed_cases_layouts.py
 and tests/distributed_cases_composer.py (shared helpers in tests/distributed_common.py).
@@ -14,7 +15,7 @@ import math
 
 import pytest
 import torch
-from distributed_worker import CASES, FOUR_RANKS, LIMITS, run_cases
+from distributed_worker import CASES, FOUR_RANKS, LIMITS, Spawn, start_cases
 
 from gradclip_algo import GradientClipper, apply_gradient_clipping
 
@@ -41,17 +42,27 @@ def selected_cases(request: pytest.FixtureRequest, world: set[str] | None) -> li
 
 
 @pytest.fixture(scope="module")
-def outcomes(request: pytest.FixtureRequest) -> dict[str, list[str | None]]:
-    """Run the selected 2-rank cases, all in one spawn."""
-    selected = selected_cases(request, None)
-    return run_cases(selected, COMPOSER_MODULE if COMPOSER_CASES else None) if selected else {}
+def spawns(request: pytest.FixtureRequest) -> dict[int, Spawn]:
+    """The selected 2-rank cases and the selected 4-rank ones (2x2 meshes), each world in one spawn, both
+    started at once: the ranks spend most of their time waiting in collectives."""
+    two, four = selected_cases(request, None), selected_cases(request, FOUR_RANKS)
+    extra = COMPOSER_MODULE if COMPOSER_CASES else None
+    started = {2: start_cases(two, extra)} if two else {}
+    if four:
+        started[4] = start_cases(four, world_size=4)
+    return started
 
 
 @pytest.fixture(scope="module")
-def outcomes_on_four(request: pytest.FixtureRequest) -> dict[str, list[str | None]]:
-    """Run the selected 4-rank cases (2x2 meshes), all in one spawn."""
-    selected = selected_cases(request, FOUR_RANKS)
-    return run_cases(selected, world_size=4) if selected else {}
+def outcomes(spawns: dict[int, Spawn]) -> dict[str, list[str | None]]:
+    """The outcomes of the 2-rank cases."""
+    return spawns[2].results() if 2 in spawns else {}
+
+
+@pytest.fixture(scope="module")
+def outcomes_on_four(spawns: dict[int, Spawn]) -> dict[str, list[str | None]]:
+    """The outcomes of the 4-rank cases."""
+    return spawns[4].results() if 4 in spawns else {}
 
 
 def assert_passed_on_every_rank(outcomes: dict[str, list[str | None]], case: str) -> None:
@@ -91,7 +102,7 @@ def test_inf_norm_of_an_empty_shard() -> None:
 def test_process_group_must_be_a_group() -> None:
     """``process_group`` takes a torch.distributed ProcessGroup (from Python) or None; a name is refused."""
     assert GradientClipper("norm", 1.0, process_group=None).process_group is None
-    with pytest.raises(ValueError, match=r"process_group: expected a torch\.distributed ProcessGroup") as err:
+    with pytest.raises(TypeError, match=r"process_group: expected a torch\.distributed ProcessGroup") as err:
         GradientClipper("norm", 1.0, process_group="pp")
     assert "a YAML file cannot hold a process group: pass process_group= from Python" in str(err.value)
 

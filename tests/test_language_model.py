@@ -1,5 +1,5 @@
-"""The language-model task: its text and split, the transformer, loss spikes, and short runs of
-``gradclip-train`` and of the ``demo-lm`` comparison."""
+"""The language-model task: its text and split, the transformer and its instability signals, loss spikes,
+LR sensitivity and the sweep's tables, and short runs of ``gradclip-train`` and of the ``demo-lm`` sweep."""
 
 from __future__ import annotations
 
@@ -10,8 +10,20 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from gradclip_algo.train.language_model import ByteTransformer
+from gradclip_algo.train.language_model import INIT_STD, ByteTransformer
+from gradclip_algo.train.lm_results import LanguageModelSummary
+from gradclip_algo.train.lm_sweep import (
+    Sweep,
+    capped_loss,
+    largest_trainable_lr,
+    loss_table,
+    loss_verdicts,
+    lr_sensitivity,
+    range_verdicts,
+    sensitivity_table,
+)
 from gradclip_algo.train.loss_spikes import count_episodes, spike_report, spike_steps
 from gradclip_algo.train.text_data import ByteWindows, pydoc_topics_bytes, train_and_eval_windows
 
@@ -57,6 +69,38 @@ def test_the_transformer_is_causal() -> None:
     assert torch.equal(before[:, :7], after[:, :7]) and not torch.allclose(before[:, 7:], after[:, 7:])
 
 
+def test_attention_equals_torch_and_its_largest_logit_is_kept() -> None:
+    torch.manual_seed(0)
+    model = ByteTransformer(context_length=12, d_model=16, n_layers=2, n_heads=4)
+    tokens = torch.randint(0, 256, (3, 12))
+    model(tokens)
+    x = model.embed(tokens) + model.position(torch.arange(12))
+    largest = []
+    for layer in model.layers:
+        attn = layer.attn
+        q, k, v = attn.qkv(layer.attn_norm(x)).view(3, 12, 3, 4, 4).permute(2, 0, 3, 1, 4).unbind(0)
+        logits = (q @ k.transpose(-2, -1)) / 2.0  # sqrt(d_head = 4)
+        largest.append(logits.masked_fill(torch.ones(12, 12, dtype=torch.bool).triu(1), -math.inf).amax())
+        assert attn.max_logit.item() == pytest.approx(largest[-1].item(), rel=1e-6)
+        reference = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        mixed = attn.out(reference.transpose(1, 2).reshape(3, 12, 16))
+        assert torch.allclose(attn(layer.attn_norm(x)), mixed, atol=1e-6)
+        x = layer(x)
+    assert model.max_attention_logit().item() == max(value.item() for value in largest)
+
+
+def test_gpt2_initialisation() -> None:
+    torch.manual_seed(0)
+    model = ByteTransformer(context_length=64, d_model=64, n_layers=4, n_heads=4)
+    params = dict(model.named_parameters())
+    for name in ("embed.weight", "position.weight", "layers.0.attn.qkv.weight", "layers.3.mlp.up.weight"):
+        assert params[name].std().item() == pytest.approx(INIT_STD, rel=0.1)
+    for name in ("layers.0.attn.out.weight", "layers.2.mlp.down.weight"):
+        assert params[name].std().item() == pytest.approx(INIT_STD / math.sqrt(8), rel=0.1)
+    assert all(not p.any() for n, p in params.items() if n.endswith("bias") and "norm" not in n)
+    assert all(bool((p == 1).all()) for n, p in params.items() if n.endswith("norm.weight"))
+
+
 def test_spike_steps_count_and_score() -> None:
     losses = [2.0 + 0.01 * (i % 3) for i in range(60)]
     losses[55] = 3.0  # a spike
@@ -68,6 +112,82 @@ def test_spike_steps_count_and_score() -> None:
     report = spike_report(losses, window=50, sigmas=4.0, merge_gap=10)
     assert report.spikes == 1 and report.score == pytest.approx(30.0)
     assert spike_report(losses[:50]).score == 0.0
+
+
+def test_lr_sensitivity_is_the_papers_formula() -> None:
+    initial = 5.5
+    losses = [4.0, 3.0, 2.5, 2.7, math.nan, 7.0]  # a NaN and a loss above L0 both count as L0
+    assert [capped_loss(loss, initial) for loss in losses] == [4.0, 3.0, 2.5, 2.7, 5.5, 5.5]
+    expected = ((4.0 - 2.5) + (3.0 - 2.5) + 0.0 + (2.7 - 2.5) + 3.0 + 3.0) / 6
+    assert lr_sensitivity(losses, initial) == pytest.approx(expected)
+    assert lr_sensitivity([3.0, 3.0], initial) == 0.0
+    lrs = [1e-3, 1e-2, 1e-1, 1.0, 3.0, 10.0]
+    assert largest_trainable_lr(lrs, losses, margin=0.2) == 1.0  # 2.7 is within 0.2 of 2.5
+    assert largest_trainable_lr(lrs, losses, margin=0.1) == 1e-1
+    assert math.isnan(largest_trainable_lr(lrs[:2], [math.nan, math.inf], margin=0.1))
+
+
+def _summary(final: float, spikes: int = 0) -> LanguageModelSummary:
+    return LanguageModelSummary(
+        steps=10,
+        initial_eval_loss=5.5,
+        final_eval_loss=final,
+        best_eval_loss=final,
+        log_partition=5.0,
+        max_attention_logit=1.0,
+        mean_update_norm=0.1,
+        loss_spikes=spikes,
+        spike_score=0.0,
+        clipped_steps=0,
+        skipped_steps=0,
+        max_grad_norm=1.0,
+        first_nonfinite_step=None,
+    )
+
+
+def test_the_sweep_tables_and_verdicts_come_from_the_numbers() -> None:
+    lrs = (1e-2, 1e-1, 1.0)
+    curves = {  # per set-up, per seed: final loss at each lr
+        "none": ([3.0, 3.5, math.nan], [3.1, 3.4, 6.0]),
+        "wide": ([3.0, 3.05, 3.6], [3.1, 3.15, 3.5]),  # trainable to 0.1, lower sensitivity on both seeds
+        "mixed": ([3.0, 3.2, 5.5], [3.1, 3.8, 5.5]),  # lower on seed 0, higher on seed 1
+    }
+    runs = {
+        (setup, lr, seed): _summary(curve[seed][index], spikes=seed)
+        for setup, curve in curves.items()
+        for seed in (0, 1)
+        for index, lr in enumerate(lrs)
+    }
+    sweep = Sweep(("none", "wide", "mixed"), {"none": "none", "wide": "w", "mixed": "m"}, lrs, (0, 1), runs)
+    assert sweep.sensitivities("none") == pytest.approx([(0.5 + 2.5) / 3, (0.3 + 2.4) / 3])
+    assert sweep.largest_lr("none", 0.1) == 1e-2 and sweep.largest_lr("wide", 0.1) == 1e-1
+    table = loss_table(sweep)
+    assert "| none | none | 3.050 [3.000, 3.100] | 3.450 [3.400, 3.500] | inf/nan in 1 |" in table
+    sensitivity = sensitivity_table(sweep, 0.1)
+    assert (
+        "| wide | w | 0.183 [0.150, 0.217] | 3.050 | 0.01 | 0.1 | 0.1, 0.1 | 1.5 [0.0, 3.0] |" in sensitivity
+    )
+    assert range_verdicts(sweep, 0.1) == [
+        "largest trainable lr (seed-mean loss within 0.1 nats/byte of the set-up's best), none: 0.01; "
+        "larger: wide; smaller: (no set-up); the same: mixed",
+        "largest trainable lr larger than none's on every seed: wide; smaller on every seed: (no set-up)",
+        "LR sensitivity lower than none's on every seed: wide; higher on every seed: (no set-up); neither: mixed",
+    ]
+    assert loss_verdicts(sweep) == [  # a NaN loses to every finite loss
+        "wide: final loss below none's on every seed at lr 0.1, 1; above at lr (none)",
+        "mixed: final loss below none's on every seed at lr 1; above at lr (none)",
+    ]
+    flat = Sweep(
+        ("none", "same"),
+        {"none": "none", "same": "s"},
+        lrs,
+        (0,),
+        {(setup, lr, 0): _summary(3.0) for setup in ("none", "same") for lr in lrs},
+    )
+    assert (
+        range_verdicts(flat, 0.1)[-1]
+        == "no clipping set-up makes a larger learning rate trainable on its one seed"
+    )
 
 
 @pytest.mark.composer
@@ -99,27 +219,72 @@ def test_a_short_lm_run_writes_its_folder(tmp_path: Path) -> None:
             float(row["grad_norm"]), rel=1e-4
         )
     evals = list(csv.DictReader((folder / "eval.csv").open()))
-    assert [int(e["step"]) for e in evals] == [3, 6]
+    assert [int(e["step"]) for e in evals] == [0, 3, 6]  # the initialisation first
+    initial = evals[0]
+    assert float(initial["loss"]) == pytest.approx(math.log(256), abs=0.02)  # logits near 0 at init
+    assert float(initial["log_partition"]) == pytest.approx(math.log(256), abs=0.02)
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["clipping"] == "zscore λ=0.5" and summary["steps"] == 6
-    assert summary["final_eval_loss"] == pytest.approx(float(evals[-1]["eval_loss"]))
-    assert summary["best_eval_loss"] == pytest.approx(min(float(e["eval_loss"]) for e in evals))
+    assert summary["initial_eval_loss"] == float(initial["loss"])
+    assert summary["final_eval_loss"] == pytest.approx(float(evals[-1]["loss"]))
+    assert summary["best_eval_loss"] == pytest.approx(min(float(e["loss"]) for e in evals[1:]))
+    assert summary["log_partition"] == pytest.approx(float(evals[-1]["log_partition"]))
     assert 3.0 < summary["final_eval_loss"] < 6.0  # from ln 256 = 5.55 down
     assert summary["clipped_steps"] == sum(r["clipped"] == "True" for r in rows)
+    attention = [float(r["max_attention_logit"]) for r in rows]
+    assert summary["max_attention_logit"] == pytest.approx(max(attention)) and min(attention) > 0
+    updates = [float(r["update_norm"]) for r in rows]
+    assert 0 < updates[0] < updates[-1]  # the warm-up: step k at k/15 of the lr
     assert (folder / "metrics.png").read_bytes()[:4] == b"\x89PNG"
     config = (folder / "config.yaml").read_text()
     assert "name: language_model" in config and "d_model: 16" in config
 
 
 @pytest.mark.composer
-def test_the_same_seed_gives_the_same_lm_run(tmp_path: Path) -> None:
+def test_linear_warmup_then_cosine_decay() -> None:
     pytest.importorskip("composer")
-    from gradclip_algo.train.cli import main
+    from composer import Callback, State
+    from composer.loggers import Logger
 
-    for _ in range(2):
-        assert main([str(CONFIGS / "demo_lm.yaml"), f"run_folder={tmp_path}", *TINY_LM]) == 0
-    first, second = ((tmp_path / name / "metrics.csv").read_text() for name in ("demo_lm", "demo_lm-2"))
-    assert first == second
+    from gradclip_algo.train.run import build_parts, make_trainer
+    from gradclip_algo.train.run_config import load_run_config
+
+    class LearningRates(Callback):
+        def __init__(self) -> None:
+            self.seen: list[float] = []
+
+        def after_train_batch(self, state: State, logger: Logger) -> None:  # the lr this step uses
+            self.seen.append(state.optimizers[0].param_groups[0]["lr"])
+
+    schedule = ["max_duration=8ba", "optimizer.warmup_steps=3", "optimizer.lr=0.5"]
+    config = load_run_config(CONFIGS / "demo_lm.yaml", [*TINY_LM, *schedule])
+    spy = LearningRates()
+    make_trainer(config, build_parts(config), [spy], evaluate=False, progress_bar=False).fit()
+    warmup = [0.5 * step / 3 for step in (1, 2, 3)]
+    cosine = [0.25 * (1 + math.cos(math.pi * (step - 3) / 5)) for step in (4, 5, 6, 7, 8)]
+    assert spy.seen == pytest.approx(warmup + cosine, abs=1e-12) and spy.seen[-1] == 0.0
+    constant = ["optimizer.schedule=constant", "optimizer.warmup_steps=0"]
+    assert build_parts(load_run_config(CONFIGS / "demo_lm.yaml", constant)).scheduler is None
+
+
+@pytest.mark.composer
+def test_the_same_seeds_give_the_same_tables(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("composer")
+    from gradclip_algo.train.demo_lm import collect, report, sweep_jobs, train_job
+    from gradclip_algo.train.pool import run_all
+    from gradclip_algo.train.run_config import load_run_config
+
+    base = load_run_config(CONFIGS / "demo_lm.yaml", [*TINY_LM, "max_duration=4ba", "task.eval_interval=4"])
+    settings = {"none": {}, "norm": {"clipping_type": "norm", "clipping_threshold": 0.5}}
+    printed = []
+    for name in ("first", "second"):
+        jobs = sweep_jobs(base, settings, (0.01, 0.3), (0,), 0.3, tmp_path / name)
+        report(collect(jobs, run_all(train_job, jobs, 1)), 0.3)
+        printed.append(capsys.readouterr().out.split("\n\nfinal eval loss", 1)[1])
+    assert printed[0] == printed[1] and "| norm | norm λ=0.5 |" in printed[0]
+    for run in ("none-lr0.3-seed0", "norm-lr0.01-seed0"):
+        first, second = ((tmp_path / name / run / "metrics.csv").read_bytes() for name in ("first", "second"))
+        assert first == second
 
 
 @pytest.mark.composer
@@ -128,9 +293,11 @@ def test_the_same_seed_gives_the_same_lm_run(tmp_path: Path) -> None:
     [
         (["task.name=translation"], "task.name: expected one of"),
         (["model.hidden_size=8"], "model.hidden_size: unknown key; allowed keys in model: d_model"),
-        (["model.d_model=30"], "model.d_model: expected a multiple of model.n_heads=4, got 30"),
+        (["model.d_model=31"], "model.d_model: expected a multiple of model.n_heads=2, got 31"),
         (["task.eval_fraction=1.5"], "task.eval_fraction: expected a number in (0, 1), got 1.5"),
         (["task.sequence_length=8"], "task.sequence_length: unknown key"),
+        (["optimizer.schedule=linear"], "optimizer.schedule: expected one of"),
+        (["optimizer.warmup_steps=-1"], "optimizer.warmup_steps: expected an integer >= 0, got -1"),
     ],
 )
 def test_bad_lm_configs_exit_2(
@@ -147,25 +314,26 @@ def test_bad_lm_configs_exit_2(
 
 
 @pytest.mark.composer
-def test_the_demo_compares_every_setup_from_a_calibration(
+def test_the_demo_sweeps_every_setup_from_a_calibration(
     tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     pytest.importorskip("composer")
-    from gradclip_algo.train.demo_lm import main
+    from gradclip_algo.train.demo_lm import SETUPS, main
 
     settings = [arg for override in TINY_LM for arg in ("--set", override)]
-    assert (
-        main(["--out", str(tmp_path), "--seeds", "0", "--jobs", "1", "--calibration-steps", "4", *settings])
-        == 0
-    )
+    args = ["--config", str(CONFIGS / "demo_lm.yaml"), "--out", str(tmp_path), "--seeds", "0", "--lrs", "0.3"]
+    assert main([*args, "--jobs", "1", "--calibration-steps", "4", *settings]) == 0
     out = capfd.readouterr().out
     folder = tmp_path / "demo_lm"
     calibrated = (folder / "algorithms_norm.yaml").read_text()
     threshold = float(calibrated.split("clipping_threshold:")[1].split()[0])
-    summary = json.loads((folder / "norm_calibrated-seed0" / "summary.json").read_text())
-    assert summary["clipping"] == f"norm λ={threshold:g}"
-    for name in ("none", "norm", "quantile", "zscore", "adagc", "norm_skip_spikes"):
-        assert f"| {name}-seed0 |" in out
-    assert "| none-seed0 | none | " in out and "on every seed:" in out
-    for plot in ("loss.png", "grad_norms.png", "layer_norms.png", "calibration.png"):
-        assert (folder / plot).read_bytes()[:4] == b"\x89PNG"
+    run = folder / "norm_calibrated-lr0.3-seed0"
+    assert json.loads((run / "summary.json").read_text())["clipping"] == f"norm λ={threshold:g}"
+    config = (run / "config.yaml").read_text()
+    assert "lr: 0.3\n" in config and f"weight_decay: {0.01 * 0.01 / 0.3}\n" in config  # independent decay
+    for name in SETUPS:
+        assert f"\n| {name} | " in out
+        assert (folder / f"{name}-lr0.3-seed0" / "layer_norms.csv").exists() == (name in ("none", "norm"))
+    assert "LR sensitivity lower than none's on its one seed: " in out and "\nnorm at lr 0.3: clipped " in out
+    for plot in ("lr_sensitivity", "instability", "loss", "grad_norms", "layer_norms", "calibration"):
+        assert (folder / f"{plot}.png").read_bytes()[:4] == b"\x89PNG"

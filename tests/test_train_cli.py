@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from gradclip_algo.train.cli import main  # noqa: E402
 from gradclip_algo.train.demo import main as demo_main  # noqa: E402
+from gradclip_algo.train.run_config import RunConfigError, load_run_config  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY = ["max_duration=30ba", "task.train_samples=2000", "task.eval_samples=100", "task.batch_size=32"]
@@ -181,3 +183,78 @@ def test_without_a_terminal_progress_is_one_line_every_n_steps(tmp_path: Path) -
         f"demo_clipped: step {step} of 30ba" for step in (10, 20, 30)
     ]
     assert all(" loss " in line for line in lines)
+
+
+def test_help_names_every_shipped_config_and_the_language_model() -> None:
+    from gradclip_algo.train.calibrate import parser as calibrate_parser
+    from gradclip_algo.train.cli import parser as train_parser
+
+    for help_text in (train_parser().format_help(), calibrate_parser().format_help()):
+        text = " ".join(help_text.split())
+        assert all(name in text for name in ("demo_clipped", "demo_unclipped", "demo_lm", "transformer"))
+        assert "Ctrl-C" in text
+    assert "vanilla tanh RNN on the adding problem" not in " ".join(train_parser().format_help().split())
+
+
+def test_algorithms_takes_a_preset_name_or_a_block_file(tmp_path: Path) -> None:
+    config = load_run_config(CONFIGS / "demo_unclipped.yaml", ["algorithms=ctrl_norm_0.25"])
+    assert config.algorithms == {"gradclip_algo": {"clipping_type": "norm", "clipping_threshold": 0.25}}
+    block = tmp_path / "block.yaml"
+    block.write_text("algorithms:\n  gradclip_algo: {clipping_type: value, clipping_threshold: 0.5}\n")
+    config = load_run_config(CONFIGS / "demo_clipped.yaml", [f"algorithms={block}"])
+    assert config.algorithms == {"gradclip_algo": {"clipping_type": "value", "clipping_threshold": 0.5}}
+    with pytest.raises(RunConfigError, match=r"^algorithms: ctrl_norm_9: no such file or preset; presets: "):
+        load_run_config(CONFIGS / "demo_clipped.yaml", ["algorithms=ctrl_norm_9"])
+
+
+def test_eval_interval_takes_composer_batch_strings_and_refuses_epochs() -> None:
+    config = load_run_config(CONFIGS / "demo_lm.yaml", ["task.eval_interval=10ba"])
+    assert config.task.eval_interval == 10
+    with pytest.raises(RunConfigError) as err:
+        load_run_config(CONFIGS / "demo_lm.yaml", ["task.eval_interval=1ep"])
+    assert str(err.value) == (
+        "task.eval_interval: only batches are allowed here (it counts optimizer steps): expected an integer "
+        ">= 1 or a count of batches such as '10ba', got '1ep'"
+    )
+
+
+def test_a_run_stops_at_its_first_nonfinite_loss_unless_told_to_train_on(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The unclipped demo's loss overflows within 30 steps: the run ends there, its files kept."""
+    assert run(tmp_path, "demo_unclipped.yaml", "max_duration=200ba", "task.train_samples=8000") == 0
+    out = capfd.readouterr().out
+    folder = tmp_path / "demo_unclipped"
+    rows = list(csv.DictReader((folder / "metrics.csv").open()))
+    summary = json.loads((folder / "summary.json").read_text())
+    last = int(rows[-1]["step"])
+    assert last < 30 and not math.isfinite(float(rows[-1]["loss"]))
+    assert all(math.isfinite(float(row["loss"])) for row in rows[:-1])
+    assert (
+        summary["status"] == "nonfinite_loss" and summary["last_step"] == last and not summary["interrupted"]
+    )
+    assert summary["first_nonfinite_step"] <= last and (folder / "metrics.png").exists()
+    assert f"stopped at step {last}: the loss is inf or NaN (stop_on_nonfinite_loss=false trains on)" in out
+    assert run(tmp_path, "demo_unclipped.yaml", "max_duration=40ba", "stop_on_nonfinite_loss=false") == 0
+    summary = json.loads((tmp_path / "demo_unclipped-2" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["last_step"] == summary["steps"] == 40
+
+
+def test_the_comparison_plot_shows_the_cap_and_a_run_that_stopped_early() -> None:
+    """The norm after clipping is drawn over the norm before it in another shade, and a run that stopped
+    at step 25 of 2000 gets a logarithmic step axis instead of a sliver at x = 0."""
+    from gradclip_algo.train.metrics import StepRecord
+    from gradclip_algo.train.plot import PlotSeries, draw_runs
+
+    stopped = [StepRecord(step, 1.0 + step, 8.0 * step, 8.0 * step, False) for step in range(1, 25)]
+    stopped.append(StepRecord(25, math.inf, math.inf, math.inf, False))
+    clipped = [StepRecord(step, 0.1, 2.0, 1.0, True) for step in range(1, 2001)]
+    figure = draw_runs([PlotSeries("unclipped", stopped, None), PlotSeries("clipped", clipped, 1.0)], "t")
+    norm_axis = figure.axes[1]
+    lines = {line.get_label(): line for line in norm_axis.get_lines()}
+    before, after = lines["clipped: before clipping"], lines["clipped: after clipping"]
+    assert before.get_color() != after.get_color() and after.get_zorder() > before.get_zorder()
+    assert lines["threshold λ = 1"].get_color() == after.get_color()
+    assert norm_axis.get_xscale() == "log"
+    alone = draw_runs([PlotSeries("clipped", clipped, 1.0)], "t")
+    assert alone.axes[1].get_xscale() == "linear"

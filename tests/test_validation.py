@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from gradclip_algo import apply_gradient_clipping
+from gradclip_algo import GradientClipper, apply_gradient_clipping
 
 
 @pytest.fixture
@@ -155,4 +155,81 @@ def test_spike_window_without_skip_spikes_is_an_error() -> None:
 def test_with_stats_must_be_a_bool_or_clipped(param: torch.nn.Parameter, with_stats: object) -> None:
     with pytest.raises(ValueError, match=r"with_stats: expected true, false or 'clipped', got"):
         apply_gradient_clipping(param, "norm", 1.0, with_stats=with_stats)
+    assert torch.equal(param.grad, torch.ones(3))
+
+
+def test_thresholds_take_0d_cpu_tensors(param: torch.nn.Parameter) -> None:
+    param.grad = torch.full((3,), 2.0)
+    for threshold in (torch.tensor(1.5), torch.tensor(1), torch.tensor(1.5, dtype=torch.float64)):
+        clipper = GradientClipper("norm", threshold, skip_spikes=torch.tensor(6.0))
+        assert type(clipper.clipping_threshold) is float and clipper.clipping_threshold == float(threshold)
+        assert clipper.skip_spikes == 6.0
+    stats = apply_gradient_clipping(param, "norm", torch.tensor(1.5))
+    assert stats.clipped_grad_norm.item() == pytest.approx(1.5, rel=1e-5)
+
+
+def test_thresholds_take_numpy_scalars(param: torch.nn.Parameter) -> None:
+    """Every real number is a number: NumPy scalars clip as their Python float does."""
+    np = pytest.importorskip("numpy")
+    param.grad = torch.full((3,), 2.0)
+    for threshold in (np.float32(1.5), np.float64(1.5), np.int64(1)):
+        clipper = GradientClipper("norm", threshold, skip_spikes=np.float32(6.0))
+        assert type(clipper.clipping_threshold) is float and clipper.clipping_threshold == float(threshold)
+    stats = apply_gradient_clipping(param, "norm", np.float32(1.5))
+    assert stats.clipped_grad_norm.item() == pytest.approx(1.5, rel=1e-5)
+    options = GradientClipper("zscore", 1.0, alpha=np.float32(0.5), warmup_steps=np.int64(3)).options
+    assert options.alpha == 0.5 and options.warmup_steps == 3 and type(options.warmup_steps) is int
+
+
+@pytest.mark.parametrize(
+    ("threshold", "message"),
+    [
+        (torch.tensor([1.0]), r"a tensor must be 0-d, got a torch.float32 tensor of shape \(1,\) on cpu$"),
+        (torch.tensor(True), r"got a torch.bool tensor of shape \(\) on cpu, which is not a real number$"),
+        (torch.tensor(-1.0), r", got -1.0 \(a Tensor\)$"),
+        (torch.tensor(1.0, device="meta"), r"on meta, which holds no value$"),
+    ],
+)
+def test_a_tensor_threshold_that_cannot_be_one_says_why(threshold: torch.Tensor, message: str) -> None:
+    with pytest.raises(
+        ValueError, match=r"^clipping_threshold: expected a number > 0 and finite.*" + message
+    ):
+        GradientClipper("norm", threshold)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cuda_tensor_threshold_is_refused_without_a_sync() -> None:
+    with pytest.raises(ValueError, match=r"cannot be read without waiting for the device"):
+        GradientClipper("norm", torch.tensor(1.0, device="cuda"))
+
+
+SHORT_ERRORS = {
+    "param_groups": (
+        lambda p, o: apply_gradient_clipping(o.param_groups, "norm", 1.0),
+        "param_groups (dicts with 'params')",
+    ),
+    "fold_into item": (
+        lambda p, o: apply_gradient_clipping(p, "norm", 1.0, fold_into=[o, "x"]),
+        "got 'x' (str) at index 1",
+    ),
+    "process_group": (
+        lambda p, o: apply_gradient_clipping(p, "norm", 1.0, process_group="pp"),
+        "got 'pp' (str)",
+    ),
+    "predicate signature": (
+        lambda p, o: apply_gradient_clipping([("w", p)], "norm", 1.0, exclude=lambda name: True),
+        "<lambda>(name) cannot take those two arguments",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", SHORT_ERRORS)
+def test_errors_name_the_bad_item_in_one_short_line(param: torch.nn.Parameter, case: str) -> None:
+    """A TypeError whose one line names the culprit, not a repr of tensors or of an optimizer."""
+    call, named = SHORT_ERRORS[case]
+    with pytest.raises(TypeError) as err:
+        call(param, torch.optim.SGD([param], lr=0.1))
+    message = str(err.value)
+    assert named in message and len(message) < 320 and message.count("\n") == 0, message
+    assert "tensor(" not in message and "Parameter Group" not in message
     assert torch.equal(param.grad, torch.ones(3))

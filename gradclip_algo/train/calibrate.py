@@ -19,8 +19,13 @@ import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from gradclip_algo.train.cli import int_at_least, missing_dependency
+from gradclip_algo.train.cli import SHIPPED_HELP, int_at_least, missing_dependency
+from gradclip_algo.train.interrupt import Interrupted, report, stop_signals
+
+if TYPE_CHECKING:
+    from gradclip_algo.train.calibration import Measurements, Recommendation
 
 PROG = "gradclip-calibrate"
 MIN_STEPS = 2  # a standard deviation needs two norms
@@ -33,11 +38,11 @@ def parser() -> argparse.ArgumentParser:
         description="Train N steps of a gradclip-train config without clipping, print gradient-norm "
         "statistics and a recommended threshold for every clipping type, and write ready algorithms "
         "blocks (YAML), the measurements (CSV) and a plot (PNG). A run that diverges (inf/NaN, or a loss "
-        "growing by orders of magnitude) recommends nothing and exits with status 1.",
+        "growing by orders of magnitude) recommends nothing and exits with status 1. Ctrl-C or SIGTERM "
+        "stops it after the current step: nothing is written, a folder it made is removed, one line says "
+        "so, and the exit status is 130 (143 for SIGTERM).",
     )
-    parse.add_argument(
-        "config", help="run config YAML, or the name of a shipped one: demo_clipped, demo_unclipped"
-    )
+    parse.add_argument("config", help=SHIPPED_HELP)
     parse.add_argument(
         "--steps",
         type=int_at_least(MIN_STEPS),
@@ -86,41 +91,55 @@ def _output_folder(out: Path | None, force: bool, run_folder: str, run_name: str
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Calibrate; a bad config, argument or path exits with status 2 and one line, before any training."""
+    """Calibrate; a bad config, argument or path exits with status 2 and one line, before any training.
+
+    SIGINT or SIGTERM stops the measurement after its current step: nothing is written, a folder made for
+    the files is removed, one line says so, and the exit status is 128 + the signal's number."""
     args = parser().parse_intermixed_args(argv)
     try:  # Composer first (sorted before yaml): the message then names the extra most users lack
         import composer  # noqa: F401
-        import yaml
 
-        from gradclip_algo.train.calibration import (
-            CalibrationError,
-            Statistics,
-            measure,
-            plot_calibration,
-            recommend,
-        )
+        from gradclip_algo.train.calibration import CalibrationError, measure, recommend
         from gradclip_algo.train.run import build_parts
         from gradclip_algo.train.run_config import RunConfigError, load_run_config
         from gradclip_algo.train.shipped import resolve_config
     except ModuleNotFoundError as err:
         return missing_dependency(PROG, err)
-    try:
-        config = load_run_config(resolve_config(args.config), args.overrides)
-        build_parts(replace(config, algorithms={}))  # the optimizer's options, checked before a folder exists
-        folder, created = _output_folder(args.out, args.force, config.run_folder, config.run_name)
-    except RunConfigError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 2
-    if config.algorithms:
-        print(f"{PROG}: the config's algorithms block is set aside: calibration measures unclipped steps")
-    measured = measure(config, args.steps)
-    try:
-        recommendations = recommend(measured)
-    except CalibrationError as err:
-        if created:
-            folder.rmdir()  # made above and still empty: a diverged run leaves nothing behind
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 1
+    with stop_signals():
+        try:
+            config = load_run_config(resolve_config(args.config), args.overrides)
+            build_parts(
+                replace(config, algorithms={})
+            )  # the optimizer's options, checked before a folder exists
+            folder, created = _output_folder(args.out, args.force, config.run_folder, config.run_name)
+        except RunConfigError as err:
+            print(f"{PROG}: error: {err}", file=sys.stderr)
+            return 2
+        if config.algorithms:
+            print(f"{PROG}: the config's algorithms block is set aside: calibration measures unclipped steps")
+        try:
+            measured = measure(config, args.steps)
+            recommendations = recommend(measured)
+        except (CalibrationError, Interrupted) as err:
+            if created:
+                folder.rmdir()  # made above and still empty: a diverged or stopped run leaves nothing behind
+            if isinstance(err, Interrupted):
+                removed = f"; the folder made for its files, {folder}, is removed" if created else ""
+                return report(PROG, Interrupted(err.signum, (f"{err}{removed}",)))
+            print(f"{PROG}: error: {err}", file=sys.stderr)
+            return 1
+        _report(args, folder, measured, recommendations)
+    return 0
+
+
+def _report(
+    args: argparse.Namespace, folder: Path, measured: Measurements, recommendations: list[Recommendation]
+) -> None:
+    """Print the statistics and recommendations; write the blocks, the measurements and the plot."""
+    import yaml  # the optional dependencies, loaded once main has checked them
+
+    from gradclip_algo.train.calibration import Statistics, plot_calibration
+
     measured.write_csv(folder / "grad_norms.csv")
     print(f"{args.steps} unclipped steps of {args.config}")
     print(f"  global grad L2 norm:  {Statistics.of(measured.grad_norms).describe()}")
@@ -141,7 +160,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"use one: gradclip-train {' '.join([args.config, *args.overrides, recommendations[0].overrides()])}"
     )
-    return 0
 
 
 if __name__ == "__main__":

@@ -29,8 +29,10 @@ from gradclip_algo.rules.adagc import AdaGCOptions
 from gradclip_algo.rules.adaptive import AdaptiveOptions
 from gradclip_algo.rules.quantile import QuantileOptions
 from gradclip_algo.rules.zscore import ZScoreOptions
+from gradclip_algo.train.interrupt import Interrupted, raise_if_requested, signal_name, stop_signals
 from gradclip_algo.train.run import build_parts, make_trainer
 from gradclip_algo.train.run_config import RunConfig
+from gradclip_algo.train.run_end import INTERRUPTED, fit
 
 MIN_STEPS = 2  # a standard deviation needs two norms
 QUANTILE_LEVELS = torch.linspace(0.0, 1.0, 101, dtype=torch.float64)
@@ -310,12 +312,26 @@ def plot_calibration(measured: Measurements, recommendations: Sequence[Recommend
 
 
 def measure(config: RunConfig, steps: int) -> Measurements:
-    """Train ``steps`` optimizer steps of ``config`` without clipping and return the measurements."""
-    parts = build_parts(replace(config, algorithms={}))
-    recorder = CalibrationRecorder()
-    trainer = make_trainer(
-        config, parts, [recorder], evaluate=False, max_duration=f"{steps}ba", progress_bar=False
-    )
-    trainer.fit()
-    trainer.close()
+    """Train ``steps`` optimizer steps of ``config`` without clipping and return the measurements (fewer
+    where the loss became inf or NaN and ``config.stop_on_nonfinite_loss`` ended the run there).
+
+    Raises:
+        Interrupted: after SIGINT or SIGTERM, at the end of a step; nothing is written.
+    """
+    with stop_signals():
+        raise_if_requested()
+        parts = build_parts(replace(config, algorithms={}))
+        recorder = CalibrationRecorder()
+        trainer = make_trainer(
+            config, parts, [recorder], evaluate=False, max_duration=f"{steps}ba", progress_bar=False
+        )
+        end = fit(trainer)
+        if end.status == INTERRUPTED and end.signum is not None:
+            raise Interrupted(
+                end.signum,
+                (
+                    f"interrupted by {signal_name(end.signum)} after {end.last_step} of {steps} unclipped "
+                    "steps: nothing written",
+                ),
+            )
     return recorder.measurements()

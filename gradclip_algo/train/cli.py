@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from gradclip_algo.extras import install_hint
+from gradclip_algo.train.interrupt import Interrupted, report
 
 PROG = "gradclip-train"
 PROGRESS_EVERY = 100
@@ -30,22 +31,34 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+SHIPPED_HELP = (
+    "run config YAML, or the name of a shipped one: demo_clipped, demo_unclipped (the adding problem, a "
+    "tanh RNN, with and without clipping), demo_lm (a byte-level transformer language model)"
+)
+STOPPING_HELP = (
+    "Ctrl-C or SIGTERM stops a run after its current step: its files are written, summary.json is "
+    'marked "interrupted": true, one line names the folder and the last step, and the exit status is '
+    "130 (143 for SIGTERM)."
+)
+
+
 def parser() -> argparse.ArgumentParser:
     parse = argparse.ArgumentParser(
         prog=PROG,
-        description="Train a vanilla tanh RNN on the adding problem with Composer, as a YAML config says, "
-        "and write a run folder: config.yaml, metrics.csv, summary.json, metrics.png. An existing run "
-        "folder is never overwritten: the run goes to <run_name>-2, -3, ...",
+        description="Train one run with Composer as a YAML config says: the adding problem with a tanh RNN "
+        "(task.name: adding_problem) or next-byte prediction with a small transformer (task.name: "
+        "language_model). It writes a run folder: config.yaml, metrics.csv, summary.json, metrics.png "
+        "(and, for the language model, layer_norms.csv and eval.csv). An existing run folder is never "
+        "overwritten: the run goes to <run_name>-2, -3, ... A run stops after the first step whose loss is "
+        f"inf or NaN unless stop_on_nonfinite_loss=false. {STOPPING_HELP}",
     )
-    parse.add_argument(
-        "config",
-        help="run config YAML, or the name of a shipped one: demo_clipped, demo_unclipped",
-    )
+    parse.add_argument("config", help=SHIPPED_HELP)
     parse.add_argument(
         "overrides",
         nargs="*",
         metavar="key=value",
         help="override a config value (omegaconf dot-list), e.g. optimizer.lr=0.1 max_duration=500ba; "
+        "algorithms=ctrl_norm_0.25 (a preset's name) or algorithms=FILE.yaml sets the clipping block; "
         "algorithms={} or algorithms=null turns clipping off",
     )
     parse.add_argument(
@@ -82,6 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RunConfigError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
+    except Interrupted as stop:
+        return report(PROG, stop)
     print(f"{result.folder}: {result.summary.describe()}")
     return 0
 

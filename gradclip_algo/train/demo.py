@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
+from gradclip_algo.train.interrupt import exit_status, stop_signals
 from gradclip_algo.train.plot import PlotSeries, plot_runs
 from gradclip_algo.train.run import RunResult, build_parts, create_run_folder
 from gradclip_algo.train.run_config import RunConfigError, load_run_config
@@ -74,10 +75,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RunConfigError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
-    results = [
-        train(replace(config, run_folder=str(folder)), run_parts)
-        for config, run_parts in zip(configs, parts, strict=True)
-    ]
+    with stop_signals():  # a stop request during one run keeps the next from starting
+        results = [
+            train(replace(config, run_folder=str(folder)), run_parts)
+            for config, run_parts in zip(configs, parts, strict=True)
+        ]
     print(comparison_table(results))
     series = [PlotSeries(result.folder.name, result.records, result.threshold) for result in results]
     plot_runs(series, folder / COMPARISON_FILE, "The adding problem: the same run with and without clipping")
@@ -86,4 +88,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_status(PROG, main))

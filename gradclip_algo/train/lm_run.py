@@ -1,11 +1,13 @@
 """A language-model run of ``gradclip-train``: per-step records with per-layer grad norms, evaluation
-losses, loss spikes, and the run folder's files.
+losses and log-partitions, loss spikes, and the run folder's files.
 
 Per optimizer step the recorder keeps the training loss, the global grad norm before and after clipping,
-whether the step was clipped or skipped, the threshold the norm was held against, and the L2 grad norm of
-every parameter. Pre-clip values come from the clipping algorithm (its ``last_stats`` and, with
-``log_layer_norms``, its ``last_layer_norms``); without clipping pre and post are the same grads. The
-recorder reads the device once per step, at ``Event.BATCH_END``.
+whether the step was clipped or skipped, the threshold the norm was held against, the largest attention
+logit of the step's forward pass and (unless told not to) the L2 grad norm of every parameter. Pre-clip
+values come from the clipping algorithm (its ``last_stats`` and, with ``log_layer_norms``, its
+``last_layer_norms``); without clipping pre and post are the same grads. The recorder reads the device once
+per step, at ``Event.BATCH_END``. The model is evaluated once before the first step (the loss at
+initialisation) and then every ``task.eval_interval`` steps and at the end.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from dataclasses import asdict, fields
+from dataclasses import asdict, astuple, fields
 from pathlib import Path
 from typing import IO, Any
 
@@ -27,8 +29,9 @@ from gradclip_algo.algorithm import GradClipAlgo
 from gradclip_algo.layer_norms import LayerGradNorms, grad_norms_by_name
 from gradclip_algo.norm_history import recorded
 from gradclip_algo.norms import get_total_norm
-from gradclip_algo.train.lm_model import EVAL_METRIC
-from gradclip_algo.train.lm_results import LanguageModelResult, LMStepRecord, summarize_lm
+from gradclip_algo.train.language_model import ByteTransformer
+from gradclip_algo.train.lm_model import EVAL_METRIC, LOG_PARTITION_METRIC, LanguageModel
+from gradclip_algo.train.lm_results import EvalRecord, LanguageModelResult, LMStepRecord, summarize_lm
 from gradclip_algo.train.run import (
     CONFIG_FILE,
     METRICS_FILE,
@@ -41,6 +44,7 @@ from gradclip_algo.train.run import (
     make_trainer,
 )
 from gradclip_algo.train.run_config import RunConfig, to_dict
+from gradclip_algo.train.run_end import fit
 
 LAYER_NORMS_FILE = "layer_norms.csv"
 EVAL_FILE = "eval.csv"
@@ -60,19 +64,22 @@ def skip_limit(algorithm: GradClipAlgo, before: dict[str, Tensor] | None) -> Ten
 
 class LanguageModelRecorder(Callback):
     """Writes ``metrics.csv`` (one :class:`LMStepRecord` per step), ``layer_norms.csv`` (one row of
-    per-parameter grad norms per step) and ``eval.csv`` (evaluation loss per evaluation) into ``folder``."""
+    per-parameter grad norms per step; only with ``layer_norms``) and ``eval.csv`` (one
+    :class:`EvalRecord` per evaluation) into ``folder``."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, *, layer_norms: bool = True) -> None:
         self.folder = folder
+        self.layer_norms = layer_norms
         self.records: list[LMStepRecord] = []
         self.layer_names: list[str] = []
         self.layer_rows: list[list[float]] = []
-        self.evals: list[tuple[int, float]] = []
+        self.evals: list[EvalRecord] = []
         self._clipping: GradClipAlgo | None = None
         self._files: list[IO[str]] = []
         self._before: dict[str, Tensor] | None = None
         self._values: Tensor | None = None
-        self._flags: tuple[bool, bool] = (False, False)
+        self._skipped: bool | Tensor = False
+        self._weights: list[Tensor] = []
         self._used: LayerGradNorms | None = None
 
     def fit_start(self, state: State, logger: Logger) -> None:
@@ -80,12 +87,13 @@ class LanguageModelRecorder(Callback):
         self._clipping = clippers[0] if clippers else None
         if self._clipping is not None:  # the pre-clip norm of every step, not only of the logged ones
             self._clipping.stats_every_step = True
-        self.layer_names = [name for name, param in state.model.named_parameters() if param.requires_grad]
-        self._files = [
-            (self.folder / name).open("w", newline="") for name in (METRICS_FILE, LAYER_NORMS_FILE)
-        ]
+        if self.layer_norms:
+            self.layer_names = [name for name, param in state.model.named_parameters() if param.requires_grad]
+        names = (METRICS_FILE, LAYER_NORMS_FILE) if self.layer_norms else (METRICS_FILE,)
+        self._files = [(self.folder / name).open("w", newline="") for name in names]
         csv.writer(self._files[0]).writerow(f.name for f in fields(LMStepRecord))
-        csv.writer(self._files[1]).writerow(["step", *self.layer_names])
+        if self.layer_norms:
+            csv.writer(self._files[1]).writerow(["step", *self.layer_names])
 
     def after_backward(self, state: State, logger: Logger) -> None:
         """The spike window before this step's clipping (the last microbatch's call wins)."""
@@ -100,24 +108,34 @@ class LanguageModelRecorder(Callback):
         algorithm = self._clipping
         if algorithm is None or algorithm.last_stats is None:
             before, threshold, limit, clipped, skipped = after, nan, nan, torch.tensor(False), False
-            layer = grad_norms_by_name(state.model)  # no clipping: these are also the pre-clip norms
         else:
             stats = algorithm.last_stats
             before, clipped, skipped = stats.grad_norm, stats.clipped_fraction > 0, stats.skipped
             threshold = nan if stats.threshold is None else stats.threshold
             limit = skip_limit(algorithm, self._before)
-            fresh = algorithm.last_layer_norms is not None and algorithm.last_layer_norms is not self._used
-            layer = algorithm.last_layer_norms if fresh else grad_norms_by_name(state.model)
-            self._used = algorithm.last_layer_norms  # steps that log none measure here (after clipping)
-        by_name = dict(zip(layer.names, layer.norms.cpu().unbind(), strict=True)) if layer.names else {}
-        row = [by_name.get(name, nan) for name in self.layer_names]
-        scalars = [before, after, threshold, limit, clipped.to(torch.float32)]
+        attention = _network(state).max_attention_logit()
+        scalars = [before, after, threshold, limit, clipped.to(torch.float32), attention]
+        row = self._layer_row(state, algorithm) if self.layer_norms else []
         self._values = torch.stack([value.detach().cpu().to(torch.float32) for value in scalars + row])
-        self._flags = (False, skipped)
+        self._skipped = skipped
+        self._weights = [p.detach().clone() for p in state.model.parameters()]  # before the optimizer step
+
+    def _layer_row(self, state: State, algorithm: GradClipAlgo | None) -> list[Tensor]:
+        """Each parameter's grad norm: the algorithm's pre-clip measurement on the steps it logs one, else
+        measured here (no clipping: the pre-clip norms; with clipping: after it)."""
+        logged = None if algorithm is None else algorithm.last_layer_norms
+        layer = logged if logged is not None and logged is not self._used else grad_norms_by_name(state.model)
+        self._used = logged
+        nan = torch.tensor(math.nan)
+        by_name = dict(zip(layer.names, layer.norms.cpu().unbind(), strict=True)) if layer.names else {}
+        return [by_name.get(name, nan) for name in self.layer_names]
 
     def batch_end(self, state: State, logger: Logger) -> None:
         assert self._values is not None
-        values = self._values.tolist()
+        change = [p.detach() - w for p, w in zip(state.model.parameters(), self._weights, strict=True)]
+        update = get_total_norm(change, 2.0).detach().cpu().to(torch.float32)
+        values = torch.cat([self._values, update.reshape(1)]).tolist()
+        update_norm = values.pop()
         step = int(state.timestamp.batch.value)
         record = LMStepRecord(
             step=step,
@@ -127,19 +145,23 @@ class LanguageModelRecorder(Callback):
             threshold=values[2],
             skip_limit=values[3],
             clipped=bool(values[4]),
-            skipped=self._flags[1],
+            skipped=bool(self._skipped),
+            max_attention_logit=values[5],
+            update_norm=update_norm,
         )
         self.records.append(record)
-        self.layer_rows.append(values[5:])
         csv.writer(self._files[0]).writerow(asdict(record).values())
-        csv.writer(self._files[1]).writerow([step, *values[5:]])
+        if self.layer_norms:
+            self.layer_rows.append(values[6:])
+            csv.writer(self._files[1]).writerow([step, *values[6:]])
 
     def eval_end(self, state: State, logger: Logger) -> None:
-        value = state.eval_metric_values.get(EVAL_METRIC)
-        if value is not None:
+        values = state.eval_metric_values
+        if EVAL_METRIC in values:
             step = int(state.timestamp.batch.value)
-            if not self.evals or self.evals[-1][0] != step:
-                self.evals.append((step, float(value)))
+            if not self.evals or self.evals[-1].step != step:
+                loss, log_partition = (float(values[name]) for name in (EVAL_METRIC, LOG_PARTITION_METRIC))
+                self.evals.append(EvalRecord(step, loss, log_partition))
 
     def close(self, state: State, logger: Logger) -> None:
         for file in self._files:
@@ -147,8 +169,14 @@ class LanguageModelRecorder(Callback):
         self._files = []
         with (self.folder / EVAL_FILE).open("w", newline="") as file:
             writer = csv.writer(file)
-            writer.writerow(["step", "eval_loss"])
-            writer.writerows(self.evals)
+            writer.writerow(f.name for f in fields(EvalRecord))
+            writer.writerows(astuple(record) for record in self.evals)
+
+
+def _network(state: State) -> ByteTransformer:
+    model = state.model
+    assert isinstance(model, LanguageModel)
+    return model.net
 
 
 def describe_lm_clipping(config: RunConfig) -> str:
@@ -163,26 +191,34 @@ def describe_lm_clipping(config: RunConfig) -> str:
 
 
 def train_language_model(
-    config: RunConfig, parts: RunParts, *, progress_bar: bool = True
+    config: RunConfig,
+    parts: RunParts,
+    *,
+    progress_bar: bool = True,
+    layer_norms: bool = True,
+    plot: bool = True,
 ) -> LanguageModelResult:
     """Train a language-model run into a new run folder: ``config.yaml``, ``metrics.csv``,
-    ``layer_norms.csv``, ``eval.csv``, ``summary.json`` and ``metrics.png``."""
+    ``layer_norms.csv`` (with ``layer_norms``), ``eval.csv``, ``summary.json`` and ``metrics.png`` (with
+    ``plot``)."""
     from gradclip_algo.train.lm_plot import plot_lm_run  # matplotlib only when a run ends
 
     folder = create_run_folder(Path(config.run_folder), config.run_name)
     print(f"run folder: {folder}", flush=True)
     OmegaConf.save(OmegaConf.create(to_dict(config)), folder / CONFIG_FILE)
-    recorder = LanguageModelRecorder(folder)
+    recorder = LanguageModelRecorder(folder, layer_norms=layer_norms)
     trainer = make_trainer(config, parts, [recorder], run_name=folder.name, progress_bar=progress_bar)
-    trainer.fit()
-    trainer.close()
+    trainer.eval()  # the loss at initialisation: step 0
+    end = fit(trainer)
     summary = summarize_lm(recorder.records, recorder.evals)
     clipping = describe_lm_clipping(config) if config.algorithms else describe_clipping(parts.algorithms)[0]
     with (folder / SUMMARY_FILE).open("w") as file:
         values = {name: _json_number(value) for name, value in asdict(summary).items()}
-        json.dump({"clipping": clipping, **values}, file, indent=2)
+        json.dump({"clipping": clipping, **values, **end.summary_fields()}, file, indent=2)
     result = LanguageModelResult(
         folder, recorder.records, recorder.layer_names, recorder.layer_rows, recorder.evals, summary, clipping
     )
-    plot_lm_run(result, folder / PLOT_FILE)
+    end.report(folder)
+    if plot:
+        plot_lm_run(result, folder / PLOT_FILE)
     return result

@@ -17,6 +17,7 @@ from composer import Trainer
 from composer.core import Algorithm, Callback
 from composer.models import ComposerModel
 from composer.utils import dist, reproducibility
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from torch.utils.data import DataLoader, Dataset
 
 from gradclip_algo.algorithm import GradClipAlgo
@@ -26,11 +27,13 @@ from gradclip_algo.train.lm_model import LanguageModel
 from gradclip_algo.train.metrics import RunSummary, StepRecord
 from gradclip_algo.train.model import AddingProblemModel
 from gradclip_algo.train.run_config import (
+    DURATION_PATTERN,
     LanguageModelTaskConfig,
     RunConfig,
     RunConfigError,
     TransformerConfig,
 )
+from gradclip_algo.train.run_end import RunEnd, RunGuard
 from gradclip_algo.train.text_data import train_and_eval_windows
 
 CONFIG_FILE = "config.yaml"
@@ -54,6 +57,7 @@ class RunParts:
     algorithms: list[Algorithm]
     train_loader: DataLoader
     eval_loader: DataLoader
+    scheduler: LRScheduler | None = None
 
 
 @dataclass(frozen=True)
@@ -61,7 +65,7 @@ class RunResult:
     """A finished run: its folder, its per-step records and their summary.
 
     ``clipping`` describes the clipping set-up (``'none'`` without one); ``threshold`` is λ for norm
-    clipping, the value the pre-clip norm is compared with, else ``None``.
+    clipping, the value the pre-clip norm is compared with, else ``None``; ``end``: how it ended.
     """
 
     folder: Path
@@ -69,6 +73,7 @@ class RunResult:
     summary: RunSummary
     clipping: str
     threshold: float | None
+    end: RunEnd
 
 
 def _loader(dataset: Dataset, batch_size: int, seed: int, train: bool) -> DataLoader:
@@ -105,13 +110,46 @@ def build_parts(config: RunConfig) -> RunParts:
             task.train_samples, task.eval_samples, task.sequence_length, config.seed
         )
         eval_batch_size = task.eval_samples
+    train_loader = _loader(train_set, task.batch_size, config.seed, train=True)
     return RunParts(
         model=model,
         optimizer=optimizer,
         algorithms=algorithms,
-        train_loader=_loader(train_set, task.batch_size, config.seed, train=True),
+        train_loader=train_loader,
         eval_loader=_loader(eval_set, eval_batch_size, config.seed, train=False),
+        scheduler=lr_scheduler(config, optimizer, len(train_loader)),
     )
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
+    """The learning rate of optimizer step ``step`` (1, 2, ...) as a fraction of ``optimizer.lr``.
+
+    ``step / warmup_steps`` during the warm-up (``step <= warmup_steps``); after it 1 (``constant``) or
+    ``(1 + cos(π · (step - warmup_steps) / (total_steps - warmup_steps))) / 2`` (``cosine``: 1 at the end of
+    the warm-up, 0 at step ``total_steps``).
+    """
+    if step <= warmup_steps:
+        return step / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(step - warmup_steps, total_steps - warmup_steps) / (total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def lr_scheduler(config: RunConfig, optimizer: torch.optim.Optimizer, batches: int) -> LRScheduler | None:
+    """The schedule of ``config.optimizer`` (see :func:`lr_factor`) for a ``Trainer`` that steps it once per
+    batch, or ``None`` for a constant learning rate. ``batches``: training batches per epoch, for a
+    ``max_duration`` in epochs.
+
+    Step ``k + 1`` runs at the lr the scheduler holds after ``k`` calls of ``step()``, so a ``Trainer`` that
+    stops early (the calibration) has seen the same learning rates as the run's first steps.
+    """
+    opt = config.optimizer
+    if opt.schedule == "constant" and opt.warmup_steps == 0:
+        return None
+    count, unit = DURATION_PATTERN.match(config.max_duration).groups()  # type: ignore[union-attr]
+    total = int(count) * (batches if unit == "ep" else 1)
+    return LambdaLR(optimizer, lambda taken: lr_factor(taken + 1, opt.warmup_steps, total, opt.schedule))
 
 
 def _model(config: RunConfig) -> ComposerModel:
@@ -171,8 +209,11 @@ def make_trainer(
     max_duration: str | None = None,
     **options: Any,
 ) -> Trainer:
-    """The ``Trainer`` of a run: ``parts``, the duration, seed and microbatching of ``config``, no loggers.
+    """The ``Trainer`` of a run: ``parts``, the duration, lr schedule, seed and microbatching of ``config``,
+    no loggers.
 
+    ``callbacks`` are followed by a :class:`~gradclip_algo.train.run_end.RunGuard`, which ends the run (see
+    :func:`~gradclip_algo.train.run_end.fit`) at a non-finite loss, as ``config`` says, or on a stop request.
     ``evaluate`` adds the evaluation set, run once at the end; ``options`` go to ``Trainer`` as they are.
     """
     interval = (
@@ -184,8 +225,10 @@ def make_trainer(
         train_dataloader=parts.train_loader,
         max_duration=max_duration or config.max_duration,
         optimizers=parts.optimizer,
+        schedulers=parts.scheduler,
+        step_schedulers_every_batch=True,
         algorithms=parts.algorithms,
-        callbacks=callbacks,
+        callbacks=[*callbacks, RunGuard(config.stop_on_nonfinite_loss)],
         loggers=[],
         seed=config.seed,
         device_train_microbatch_size=config.device_train_microbatch_size,

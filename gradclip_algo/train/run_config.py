@@ -18,11 +18,13 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from gradclip_algo.validation import check_choice, check_positive_number
+from gradclip_algo.config import algorithms_block
+from gradclip_algo.validation import check_batches, check_bool, check_choice, check_positive_number
 
 Check = Callable[[str, Any], Any]
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "cosine")
 TASKS = ("adding_problem", "language_model")
 TEXTS = ("pydoc_topics",)
 DURATION_PATTERN = re.compile(r"^([1-9][0-9]*)(ba|ep)$")
@@ -56,8 +58,11 @@ def _config_error(check: Callable[..., Any], *args: Any) -> Callable[[str, Any],
 
 _positive_number = _config_error(check_positive_number)
 _optimizer_name = _config_error(check_choice, OPTIMIZERS)
+_schedule_name = _config_error(check_choice, SCHEDULES)
 _task_name = _config_error(check_choice, TASKS)
 _text_name = _config_error(check_choice, TEXTS)
+_flag = _config_error(check_bool)
+_batches = _config_error(check_batches, 1)
 
 
 def _fraction(field_name: str, value: Any) -> float:
@@ -99,6 +104,17 @@ def _mapping(field_name: str, value: Any) -> dict[str, Any]:
 
 def _optional_mapping(field_name: str, value: Any) -> dict[str, Any]:
     return {} if value is None else _mapping(field_name, value)
+
+
+def _algorithms(field_name: str, value: Any) -> dict[str, Any]:
+    """The ``algorithms:`` block: a mapping, ``None`` (none), or a preset's name or a YAML file's path,
+    read into its block (so ``config.yaml`` records the settings themselves)."""
+    if isinstance(value, str):
+        try:
+            value = algorithms_block(value)
+        except ValueError as err:
+            raise RunConfigError(f"{field_name}: {err}") from err
+    return _optional_mapping(field_name, value)
 
 
 def setting(default: Any, check: Check) -> Any:
@@ -157,7 +173,7 @@ class LanguageModelTaskConfig:
     batch_size: int = setting(16, _int_at_least(1))
     eval_fraction: float = setting(0.1, _fraction)
     eval_windows: int = setting(128, _int_at_least(1))
-    eval_interval: int = setting(25, _int_at_least(1))
+    eval_interval: int = setting(25, _batches)
 
 
 @dataclass(frozen=True)
@@ -182,16 +198,29 @@ MODEL_BLOCKS: dict[str, type] = {"adding_problem": ModelConfig, "language_model"
 
 @dataclass(frozen=True)
 class OptimizerConfig:
-    """A torch optimizer (``sgd``, ``adam`` or ``adamw``), its learning rate and its other arguments."""
+    """A torch optimizer (``sgd``, ``adam`` or ``adamw``), its learning rate and its other arguments.
+
+    The learning rate rises linearly over the first ``warmup_steps`` optimizer steps (step k of the warm-up
+    at ``k / warmup_steps · lr``), then stays at ``lr`` (``schedule: constant``) or follows the decreasing
+    half of a cosine down to 0 at the last step of ``max_duration`` (``schedule: cosine``); see
+    :func:`gradclip_algo.train.run.lr_factor`.
+    """
 
     name: str = setting("sgd", _optimizer_name)
     lr: float = setting(0.2, _positive_number)
     options: dict[str, Any] = setting({}, _optional_mapping)
+    schedule: str = setting("constant", _schedule_name)
+    warmup_steps: int = setting(0, _int_at_least(0))
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    """One training run. The run folder is ``<run_folder>/<run_name>``."""
+    """One training run. The run folder is ``<run_folder>/<run_name>``.
+
+    ``stop_on_nonfinite_loss`` (default true) ends the run after the first step whose loss is inf or NaN;
+    false trains on to ``max_duration``. ``algorithms`` is llm-foundry's block, or a preset's name or a
+    YAML file's path, read into the block.
+    """
 
     run_name: str = setting(MISSING, _run_name)
     run_folder: str = setting("runs", _folder)
@@ -199,10 +228,11 @@ class RunConfig:
     max_duration: str = setting("2000ba", _duration)
     device_train_microbatch_size: int | None = setting(None, _optional_positive_int)
     cpu_threads: int = setting(1, _int_at_least(1))
+    stop_on_nonfinite_loss: bool = setting(True, _flag)
     task: TaskConfig | LanguageModelTaskConfig = block(TaskConfig, TASK_BLOCKS)
     model: ModelConfig | TransformerConfig = block(ModelConfig, MODEL_BLOCKS)
     optimizer: OptimizerConfig = block(OptimizerConfig)
-    algorithms: dict[str, Any] = setting({}, _optional_mapping)
+    algorithms: dict[str, Any] = setting({}, _algorithms)
 
 
 def _build(schema: type, values: Any, path: str) -> Any:

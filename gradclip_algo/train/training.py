@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -13,6 +14,7 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 from omegaconf import OmegaConf
 
+from gradclip_algo.train.interrupt import raise_if_requested, stop_signals
 from gradclip_algo.train.lm_run import train_language_model
 from gradclip_algo.train.metrics import StepMetricsRecorder, summarize
 from gradclip_algo.train.plot import PlotSeries, plot_runs
@@ -30,6 +32,7 @@ from gradclip_algo.train.run import (
     make_trainer,
 )
 from gradclip_algo.train.run_config import LanguageModelTaskConfig, RunConfig, to_dict
+from gradclip_algo.train.run_end import COMPLETED, fit
 
 
 class ProgressLines(Callback):
@@ -67,7 +70,11 @@ def train(
     """Train the run of ``config`` and fill a new run folder.
 
     The folder gets ``config.yaml`` (the config with every default filled in), ``metrics.csv`` (one row per
-    optimizer step, written as training goes), ``summary.json`` and ``metrics.png``.
+    optimizer step, written as training goes), ``summary.json`` and ``metrics.png``. A run ends early after
+    a step whose loss is inf or NaN (unless ``config.stop_on_nonfinite_loss`` is false), or on SIGINT or
+    SIGTERM: ``summary.json`` says so (``status``, ``interrupted``, ``last_step``; see
+    :mod:`gradclip_algo.train.run_end`). An interrupted run draws no ``metrics.png`` and raises
+    :class:`~gradclip_algo.train.interrupt.Interrupted` once its other files are written.
 
     Args:
         parts: what :func:`build_parts` made of ``config``, for a caller that checked several configs
@@ -80,8 +87,16 @@ def train(
     """
     if parts is None:
         parts = build_parts(config)
-    if isinstance(config.task, LanguageModelTaskConfig):
-        return train_language_model(config, parts, progress_bar=progress_bar)
+    with stop_signals():
+        raise_if_requested()
+        if isinstance(config.task, LanguageModelTaskConfig):
+            return train_language_model(config, parts, progress_bar=progress_bar)
+        return _train_adding_problem(config, parts, progress_bar, progress_every)
+
+
+def _train_adding_problem(
+    config: RunConfig, parts: RunParts, progress_bar: bool | None, progress_every: int
+) -> RunResult:
     folder = create_run_folder(Path(config.run_folder), config.run_name)
     print(f"run folder: {folder}", flush=True)
     OmegaConf.save(OmegaConf.create(to_dict(config)), folder / CONFIG_FILE)
@@ -92,13 +107,14 @@ def train(
     if not progress_bar:
         callbacks.append(ProgressLines(progress_every, folder.name))
     trainer = make_trainer(config, parts, callbacks, run_name=folder.name, progress_bar=progress_bar)
-    trainer.fit()
-    eval_mse = float(trainer.state.eval_metric_values["MeanSquaredError"])
-    trainer.close()
+    end = fit(trainer)
+    evaluated = trainer.state.eval_metric_values.get("MeanSquaredError")
+    eval_mse = float(evaluated) if end.status == COMPLETED and evaluated is not None else math.nan
     clipping, threshold = describe_clipping(parts.algorithms)
     summary = summarize(recorder.records, eval_mse)
     with (folder / SUMMARY_FILE).open("w") as file:
         values = {name: _json_number(value) for name, value in asdict(summary).items()}
-        json.dump({"clipping": clipping, **values}, file, indent=2)
+        json.dump({"clipping": clipping, **values, **end.summary_fields()}, file, indent=2)
+    end.report(folder)  # before the plot, which takes a second or more
     plot_runs([PlotSeries(folder.name, recorder.records, threshold)], folder / PLOT_FILE, f"{folder.name}")
-    return RunResult(folder, recorder.records, summary, clipping, threshold)
+    return RunResult(folder, recorder.records, summary, clipping, threshold, end)
