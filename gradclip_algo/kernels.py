@@ -23,8 +23,9 @@ from memory once, the write finding it in cache; eager, the same as torch ops a 
 :data:`BLOCK_NUMEL` elements at a time (:func:`_clamp_rows_eagerly_`). The norm takes torch's norm of each
 row of a block; smaller groups, torch's foreach norm.
 
-AGC runs eagerly: per tensor its unit norms, factors and one multiply, and small tensors of one shape on
-their stack, a few ops per stack instead of a few per tensor. Everything else is the foreach kernel torch
+AGC runs eagerly: per tensor its unit norms, factors and one multiply (on CPU, a large tensor a block of
+rows at a time, still in cache for the multiply), and small tensors of one shape on their stack, a few ops
+per stack instead of a few per tensor. Everything else is the foreach kernel torch
 uses. No primitive reads a tensor's value on the host.
 """
 
@@ -54,6 +55,9 @@ COMPILED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 """The dtypes kernels are compiled for (each compiles its own graphs; float64 grads run eagerly)."""
 PACK_NUMEL = 1 << 18
 """Elements of the buffer that 'value' packs small and strided tensors into (1 MiB of float32)."""
+CPU_REUSE_NUMEL = 1 << 22
+"""AGC on CPU clips a larger tensor a block of whole rows of at most this many elements (16 MiB of
+float32) at a time, so that the block is still in the L3 cache when it is multiplied after its norms."""
 STACK_NUMEL = 1 << 20
 """Elements of the buffer that AGC stacks small same-shaped weights, then grads, in."""
 BLOCK_NUMEL = 1 << 20
@@ -71,6 +75,7 @@ SIZE_LIMITS = (
     COMPILE_MIN_NUMEL,
     STACK_NUMEL,
     NORM_ROWS_MIN_NUMEL,
+    CPU_REUSE_NUMEL,
 )
 """The sizes at which a path starts or a buffer fills: the fuzz draws tensors on and around them."""
 
@@ -339,12 +344,21 @@ def unit_sums(grad_norms: Tensor, coef: Tensor) -> tuple[Tensor, Tensor, Tensor]
 
 
 def _scale_units_one_(grad: Tensor, weight: Tensor, coefficient: UnitCoefficient) -> tuple[Tensor, ...]:
-    """One tensor's (or stack's) units: their norms, factors and scaling; returns :func:`unit_sums`."""
+    """One tensor's units: their norms, factors and scaling; returns :func:`unit_sums`. On CPU a tensor of
+    more than :data:`CPU_REUSE_NUMEL` elements a block of whole rows at a time: its norms, then its
+    multiply while the block is still in cache."""
     ndim = unit_ndim(grad)
-    grad_norms = unit_norms(grad, ndim)
-    coef = coefficient(grad_norms, unit_norms(weight, ndim))
-    grad.mul_(coef)
-    return unit_sums(grad_norms, coef)
+    parts = [(grad, weight)]
+    if grad.ndim >= 2 and grad.device.type == "cpu" and grad.numel() > CPU_REUSE_NUMEL:
+        rows = max(1, CPU_REUSE_NUMEL // (grad.numel() // grad.shape[0]))
+        parts = list(zip(grad.split(rows), weight.split(rows), strict=True))
+    sums = []
+    for grad_rows, weight_rows in parts:
+        grad_norms = unit_norms(grad_rows, ndim)
+        coef = coefficient(grad_norms, unit_norms(weight_rows, ndim))
+        grad_rows.mul_(coef)
+        sums.append(unit_sums(grad_norms, coef))
+    return tuple(torch.stack(values).sum() for values in zip(*sums, strict=True))
 
 
 def _scale_units_stacked_(

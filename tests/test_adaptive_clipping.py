@@ -133,13 +133,18 @@ def test_composer_agc_freezes_zero_weights_and_ours_does_not() -> None:
     assert ours.bias.grad.abs().min().item() > 0
 
 
-@pytest.mark.parametrize("stack_numel", [kernels.STACK_NUMEL, 5000])
+@pytest.mark.parametrize(
+    ("stack_numel", "reuse_numel"),
+    [(kernels.STACK_NUMEL, kernels.CPU_REUSE_NUMEL), (5000, 1000), (5000, 399)],
+)
 def test_large_tensor_and_stacked_small_tensor_paths_match_reference(
-    monkeypatch: pytest.MonkeyPatch, stack_numel: int
+    monkeypatch: pytest.MonkeyPatch, stack_numel: int, reuse_numel: int
 ) -> None:
-    """Large tensors are clipped in place, many small same-shaped ones on chunked stacks; the per-unit
-    statistics are summed per tensor and per stack."""
+    """Large tensors are clipped in place (in blocks of whole rows beyond ``CPU_REUSE_NUMEL`` elements,
+    a block smaller than one row included), many small same-shaped ones on chunked stacks; the per-unit
+    statistics are summed per block and per stack."""
     monkeypatch.setattr(kernels, "STACK_NUMEL", stack_numel)
+    monkeypatch.setattr(kernels, "CPU_REUSE_NUMEL", reuse_numel)
     gen = torch.Generator().manual_seed(11)
     shapes = [(300, 400), (600, 32, 32), *[(32, 32)] * 603, *[(5,)] * 40, *[()] * 7, (50000,)]
     params = [nn.Parameter(torch.randn(s, generator=gen) * 0.1) for s in shapes]

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterator
 
 import pytest
 import torch
 from conftest import MixedModel, grads, random_grads, twin
 from fuzz_strategies import StatelessCase, stateless_cases
-from hypothesis import HealthCheck, given, settings
-from test_fuzz import FUZZ, run_stateless
+from hypothesis import given
+from test_fuzz import fuzz, run_stateless
 from test_value_clipping import (  # noqa: F401
     test_clipped_flag_is_whether_the_count_is_positive,
     test_half_precision_rows_and_packs_match_torch,
@@ -32,11 +33,13 @@ from torch._dynamo.utils import counters
 from gradclip_algo import GradientClipper, apply_gradient_clipping, compiled, kernels
 
 
-@pytest.fixture(autouse=True)
-def _compiled_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(compiled, "_devices", ("cpu",))
-    monkeypatch.setattr(kernels, "COMPILE_MIN_NUMEL", 0)
-    monkeypatch.setattr(kernels, "NORM_ROWS_MIN_NUMEL", 0)
+@pytest.fixture(autouse=True, scope="module")
+def _compiled_kernels() -> Iterator[None]:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(compiled, "_devices", ("cpu",))
+        patch.setattr(kernels, "COMPILE_MIN_NUMEL", 0)
+        patch.setattr(kernels, "NORM_ROWS_MIN_NUMEL", 0)
+        yield
 
 
 def _graphs() -> int:
@@ -46,11 +49,7 @@ def _graphs() -> int:
 # ---- the float64 references, through the compiled kernels --------------------------------------------
 
 
-@settings(
-    FUZZ,
-    max_examples=max(20, FUZZ.max_examples // 3),
-    suppress_health_check=[*FUZZ.suppress_health_check, HealthCheck.function_scoped_fixture],
-)
+@fuzz(examples=20)
 @given(case=stateless_cases(types=("value", "norm")))
 def test_compiled_value_and_norm_match_float64_reference_and_torch(case: StatelessCase) -> None:
     """The differential fuzz of tests/test_fuzz.py for 'value' (compiled) and 'norm' (its L2 norm over
@@ -127,6 +126,7 @@ def _recorded(calls: list[str]) -> object:
 
 
 def test_the_switch_and_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(compiled, "_devices", compiled._devices)  # restored after the switch's calls
     calls: list[str] = []
     x = torch.arange(6.0).view(2, 3)
     compiled.set_compiled_kernels(False)
