@@ -193,17 +193,18 @@ def _clamp_rows_(rows: Tensor, bound: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 def _clamp_rows_eagerly_(rows: Tensor, bound: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`_clamp_rows_` as eager torch ops, on blocks of whole rows of at most :data:`BLOCK_NUMEL`
-    elements (in cache for the ops after the first): the block's norm, its count through one scratch
-    block, its clamp and its norm again. Returns one sum per block, not per row."""
+    elements (in cache for the ops after the first): its rows' norms, its count through one scratch block,
+    its clamp and its rows' norms again. Returns one sum per block, not per row."""
     accumulate = accumulation_dtype(rows.dtype)
     per_block = max(1, BLOCK_NUMEL // rows.shape[1])
     scratch = rows.new_empty(min(per_block, rows.shape[0]), rows.shape[1])
     parts = []
     for block in rows.split(per_block):
-        before = torch.linalg.vector_norm(block, dtype=accumulate).square()
+        before = torch.linalg.vector_norm(block, dim=1, dtype=accumulate).square().sum()
         count = torch.abs(block, out=scratch[: block.shape[0]]).gt_(bound).sum(dtype=accumulate)
         block.clamp_(-bound, bound)
-        parts.append(torch.stack([before, count, torch.linalg.vector_norm(block, dtype=accumulate).square()]))
+        after = torch.linalg.vector_norm(block, dim=1, dtype=accumulate).square().sum()
+        parts.append(torch.stack([before, count, after]))
     before, count, after = torch.stack(parts).unbind(1)
     return before, count, after
 
