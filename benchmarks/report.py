@@ -225,15 +225,17 @@ def overhead_table(title: str, step_times: list[StepTime], targets: bool = True)
     ]
     for step in step_times:
         spread = f" ({_quartiles_ms(list(step.differences_s))})" if step.label != NO_CLIPPING else ""
+        label = f"{step.label}, folded" if step.folded else step.label
         lines.append(
-            f"| {step.label} | {step.median_s * MS:.2f} | {step.overhead_s * MS:+.2f}{spread} "
+            f"| {label} | {step.median_s * MS:.2f} | {step.overhead_s * MS:+.2f}{spread} "
             f"| {100 * step.overhead_share:+.1f} % |"
         )
     first = step_times[0]
     lines.append(
         f"\n{first.blocks} timed rounds of a block of {first.steps_per_block} steps per configuration, in one "
         "Trainer; overhead: the median over rounds of the block's mean time from the backward pass's end to "
-        "BATCH_END, minus that of the block without clipping."
+        "BATCH_END, minus that of the block without clipping. `folded`: the configuration's last step was "
+        "folded into the optimizer."
     )
     ratios = []
     for clipping_type, target in TRAINER_TARGETS.items():

@@ -191,6 +191,8 @@ class StepTime:
     blocks: int
     steps_per_block: int
     differences_s: tuple[float, ...] = ()
+    folded: bool = False
+    """Whether a GradClipAlgo of the configuration folded its last step into the optimizer."""
 
     @property
     def label(self) -> str:
@@ -216,9 +218,17 @@ class Switch(Algorithm):
         return any(algorithm.match(event, state) for algorithm in self._algorithms(event))
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
-        for algorithm in self._algorithms(event):
-            if algorithm.match(event, state):
-                algorithm.apply(event, state, logger)
+        """Run the active algorithms with ``state.algorithms`` as a Trainer of theirs alone would hold it
+        (GradClipAlgo folds only where no other algorithm of its event could touch the grads)."""
+        algorithms = self._algorithms(event)
+        trainers = list(state.algorithms)
+        state.algorithms = algorithms
+        try:
+            for algorithm in algorithms:
+                if algorithm.match(event, state):
+                    algorithm.apply(event, state, logger)
+        finally:
+            state.algorithms = trainers
 
 
 def _trainer(case: TrainerCase, switch: Switch, timer: StepTimer) -> Trainer:
@@ -284,6 +294,10 @@ def measure_step_overhead(case: TrainerCase, blocks: int, steps_per_block: int) 
                 blocks,
                 steps_per_block,
                 differences,
+                folded=any(
+                    getattr(getattr(algorithm, "last_stats", None), "folded", False)
+                    for algorithm in switch.configurations[configuration.label]
+                ),
             )
         )
     return results

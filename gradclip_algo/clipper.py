@@ -27,6 +27,7 @@ from gradclip_algo.caller import warn_at_caller
 from gradclip_algo.device_state import move_to_, update_unless_
 from gradclip_algo.distributed import Shards, check_process_group, local_shards
 from gradclip_algo.folding import (
+    ACTIVE_LEDGERS,
     NO_FOLD,
     FoldPlan,
     Optimizers,
@@ -38,6 +39,7 @@ from gradclip_algo.folding import (
 )
 from gradclip_algo.nonfinite import NONFINITE_MODES, check_nonfinite_, nonfinite_error
 from gradclip_algo.norm_history import check_history
+from gradclip_algo.norms import scale_grads_
 from gradclip_algo.parameters import Exclusion, Named, Parameters, collect, with_grads
 from gradclip_algo.rules import CLIPPING_TYPES, RULES, State
 from gradclip_algo.spikes import SPIKE_WINDOW, init_spike_state, judge_spike_
@@ -179,8 +181,12 @@ class GradientClipper:
             return skip
         stats = self._clip(found.shards, with_stats, skip)
         coefficient = None if stats is None else stats.coefficient
-        params = found.params if skip is None or not optimizers else [p for _, p in found.everything]
-        folded = scale_or_fold(optimizers, plan, params, found.shards.grads, coefficient, skip)
+        folded = False
+        if optimizers:
+            params = found.params if skip is None else [p for _, p in found.everything]
+            folded = scale_or_fold(optimizers, plan, params, found.shards.grads, coefficient, skip)
+        elif coefficient is not None:
+            scale_grads_(found.shards.grads, coefficient)
         if stats is None or not with_stats:
             return None
         stats = replace(stats, folded=folded)
@@ -191,7 +197,8 @@ class GradientClipper:
         A fold of these grads still waiting for its step is applied first, as unfolded."""
         module = parameters if isinstance(parameters, nn.Module) else None
         everything = collect(parameters, names=self.exclusion is not None)
-        settle_pending(everything)
+        if ACTIVE_LEDGERS:
+            settle_pending(everything)
         selected, params, grads = with_grads(everything, self.exclusion, module)
         if self.exclusion is not None and everything:
             self._warn_unmatched(everything)

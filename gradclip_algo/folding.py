@@ -286,7 +286,7 @@ class _Ledger:
             self.release()
             if self.pending is None:
                 self.pending = fold
-                _ACTIVE.add(self)
+                ACTIVE_LEDGERS.add(self)
 
     def before_step(self, optimizer: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Settle the fold now, or, for ``step(closure)``, once the closure has returned (the clip may run
@@ -320,7 +320,7 @@ class _Ledger:
         self.release()
         fold, residue = self.pending or self.residue, self.pending is None
         self.pending = self.residue = None
-        _ACTIVE.discard(self)
+        ACTIVE_LEDGERS.discard(self)
         if fold is None:
             return
         unchanged, written = fold.compare()
@@ -353,7 +353,7 @@ class _Ledger:
         for name, value in attributes.items():
             setattr(stepping, name, value)
         self.handed = (fold, stepping, attributes)
-        _ACTIVE.add(self)  # until the post-hook, or a later call that finds the step raised
+        ACTIVE_LEDGERS.add(self)  # until the post-hook, or a later call that finds the step raised
 
     def why_not(self, stepping: Optimizer, fold: _Fold, unchanged: list[Tensor]) -> str:
         """Why ``stepping``'s next kernel cannot take ``fold`` as its attributes (``""``: it can)."""
@@ -383,11 +383,11 @@ class _Ledger:
         handed = self.handed
         self.release()
         if self.pending is None:
-            _ACTIVE.discard(self)
+            ACTIVE_LEDGERS.discard(self)
         if handed is not None and handed[0].skip is not None:
             fold = handed[0]
             self.residue = _Fold.of([param for param, _, _ in fold.grads.values()], None, fold.skip)
-            _ACTIVE.add(self)
+            ACTIVE_LEDGERS.add(self)
 
     def release(self) -> None:
         """Remove the attributes this library set that are still there."""
@@ -400,18 +400,17 @@ class _Ledger:
 
 
 _LEDGERS: weakref.WeakKeyDictionary[Optimizer, _Ledger] = weakref.WeakKeyDictionary()
-_ACTIVE: weakref.WeakSet[_Ledger] = weakref.WeakSet()
-"""Ledgers with a pending fold, a skip's residue, or attributes handed to a step."""
+ACTIVE_LEDGERS: weakref.WeakSet[_Ledger] = weakref.WeakSet()
+"""Ledgers with a pending fold, a skip's residue, or attributes handed to a step: while it is empty, no
+fold is waiting and :func:`settle_pending` has nothing to do."""
 
 
 def settle_pending(named: Sequence[Named]) -> None:
     """Apply every fold still waiting for its step that concerns a grad of the parameters ``named`` to the
     grads, the unfolded way, before another clipping call reads them (a pending skip is read: a host
     sync). Raises :class:`FoldError` where a folded grad was written in place since."""
-    if not _ACTIVE:
-        return
     ids = {id(param) for _, param in named}
-    for ledger in list(_ACTIVE):
+    for ledger in list(ACTIVE_LEDGERS):
         if ledger.handed is not None and not ledger.can_take_fold():  # recovers a step that raised
             continue
         fold = ledger.pending or ledger.residue
@@ -445,7 +444,7 @@ def hand_to_step(
     for optimizer in optimizers:
         ledger = _LEDGERS[optimizer]
         ledger.pending = _Fold.of(_own(optimizer, params), coefficient, skip)
-        _ACTIVE.add(ledger)
+        ACTIVE_LEDGERS.add(ledger)
 
 
 def scale_or_fold(
@@ -456,12 +455,11 @@ def scale_or_fold(
     coefficient: Tensor | None,
     skip: Tensor | None,
 ) -> bool:
-    """The last stage of a clipping call: ``grads ← grads · coefficient`` (0-d, or ``None``: nothing to
-    scale), except where ``plan`` folds the factor; then the factor, and a ``skip`` flag, are handed to the
-    next step of ``optimizers`` (:func:`hand_to_step`) for the grads of ``params``. Returns whether
-    anything was folded. No host sync."""
+    """The last stage of a clipping call with ``optimizers`` (at least one): ``grads ← grads ·
+    coefficient`` (0-d, or ``None``: nothing to scale), except where ``plan`` folds the factor; then the
+    factor, and a ``skip`` flag, are handed to the next step of ``optimizers`` (:func:`hand_to_step`) for
+    the grads of ``params``. Returns whether anything was folded. No host sync."""
     if coefficient is not None and not plan.factor:
         scale_grads_(grads, coefficient)
-    if optimizers:
-        hand_to_step(optimizers, params, coefficient if plan.factor else None, skip)
+    hand_to_step(optimizers, params, coefficient if plan.factor else None, skip)
     return (plan.factor and coefficient is not None) or skip is not None

@@ -91,15 +91,13 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 def _foreach_power_sums(tensors: list[Tensor], norm_type: float) -> Tensor:
     """Per-tensor power sums by torch's foreach norm (empty tensors give 0), 1-D, accumulation dtype."""
     accumulate = accumulation_dtype(tensors[0].dtype)
+    if all(map(Tensor.numel, tensors)):
+        norms = torch.stack(torch._foreach_norm(tensors, norm_type, dtype=accumulate))
+        return norms if math.isinf(norm_type) else norms.pow(norm_type)
     sums = torch.zeros(len(tensors), dtype=accumulate, device=tensors[0].device)
     filled = [i for i, t in enumerate(tensors) if t.numel()]  # the inf-norm kernel refuses empty tensors
     if filled:
-        chosen = tensors if len(filled) == len(tensors) else [tensors[i] for i in filled]
-        norms = torch.stack(torch._foreach_norm(chosen, norm_type, dtype=accumulate))
-        values = norms if math.isinf(norm_type) else norms.pow(norm_type)
-        if len(filled) == len(tensors):
-            return values
-        sums[filled] = values
+        sums[filled] = _foreach_power_sums([tensors[i] for i in filled], norm_type)
     return sums
 
 
@@ -119,7 +117,7 @@ def total_power_sum(tensors: list[Tensor], norm_type: float) -> Tensor:
     2-D block is faster than torch's norm of a whole tensor, and a pack of small tensors is one op; else
     torch's foreach norm.
     """
-    total = sum(t.numel() for t in tensors)
+    total = sum(map(Tensor.numel, tensors))
     if norm_type != 2.0 or total < NORM_ROWS_MIN_NUMEL:
         sums = _foreach_power_sums(tensors, norm_type)
         return sums.max() if math.isinf(norm_type) else sums.sum()
@@ -300,7 +298,7 @@ def clamp_with_stats_(tensors: list[Tensor], limit: float) -> tuple[Tensor, Tens
     """
     first = tensors[0]
     bound = torch.full((), limit, dtype=first.dtype, device=first.device)
-    total = sum(t.numel() for t in tensors)
+    total = sum(map(Tensor.numel, tensors))
     compile_ = total >= COMPILE_MIN_NUMEL
     parts = [
         _run(_clamp_rows_, _clamp_rows_eagerly_, compile_, rows, bound)
@@ -386,7 +384,7 @@ def scale_units_(
     4`` elements (and 1/(4 · MEMORY_SHARE) of all) are clipped on stacks of one shape, a few ops per stack
     instead of a few per tensor.
     """
-    stack_numel = max(min(STACK_NUMEL, sum(g.numel() for g in grads) // MEMORY_SHARE), 1)
+    stack_numel = max(min(STACK_NUMEL, sum(map(Tensor.numel, grads)) // MEMORY_SHARE), 1)
     stackable: dict[torch.Size, list[int]] = defaultdict(list)
     parts, units = [], 0
     for i, grad in enumerate(grads):

@@ -11,6 +11,18 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+SHARED_PER_FILE = {"test_distributed.py", "test_wheel.py", "test_composer_harness.py"}
+"""Files whose tests share work set up once per module (spawned process groups, a built wheel and its
+venv, trained reference runs): pytest-xdist runs each on one worker. Every other test goes to whichever
+worker is free (``--dist loadgroup``), so one long file does not hold the suite up."""
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the marks
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name in SHARED_PER_FILE:
+            item.add_marker(pytest.mark.xdist_group(item.path.name))
+
 
 class MixedModel(nn.Module):
     """Linear, Conv2d, Embedding, LayerNorm and MultiheadAttention parameters in one model."""
