@@ -342,35 +342,37 @@ def unit_sums(grad_norms: Tensor, coef: Tensor) -> tuple[Tensor, Tensor, Tensor]
     )
 
 
-def _scale_units_one_(grad: Tensor, weight: Tensor, coefficient: UnitCoefficient) -> tuple[Tensor, ...]:
-    """One tensor's units: their norms, factors and scaling; returns :func:`unit_sums`. On CPU a tensor of
+UnitParts = list[tuple[Tensor, Tensor]]
+"""``(‖G_u‖, c_u)`` of some units, each pair flattened to 1-D."""
+
+
+def _scale_units_one_(grad: Tensor, weight: Tensor, coefficient: UnitCoefficient, parts: UnitParts) -> None:
+    """One tensor's units: their norms, factors and scaling, appended to ``parts``. On CPU a tensor of
     more than :data:`CPU_REUSE_NUMEL` elements a block of whole rows at a time: its norms, then its
     multiply while the block is still in cache."""
     ndim = unit_ndim(grad)
-    parts = [(grad, weight)]
+    blocks = [(grad, weight)]
     if grad.ndim >= 2 and grad.device.type == "cpu" and grad.numel() > CPU_REUSE_NUMEL:
         rows = max(1, CPU_REUSE_NUMEL // (grad.numel() // grad.shape[0]))
-        parts = list(zip(grad.split(rows), weight.split(rows), strict=True))
-    sums = []
-    for grad_rows, weight_rows in parts:
+        blocks = list(zip(grad.split(rows), weight.split(rows), strict=True))
+    for grad_rows, weight_rows in blocks:
         grad_norms = unit_norms(grad_rows, ndim)
         coef = coefficient(grad_norms, unit_norms(weight_rows, ndim))
         grad_rows.mul_(coef)
-        sums.append(unit_sums(grad_norms, coef))
-    return tuple(torch.stack(values).sum() for values in zip(*sums, strict=True))
+        parts.append((grad_norms.reshape(-1), coef.reshape(-1)))
 
 
 def _scale_units_stacked_(
-    grads: list[Tensor], weights: list[Tensor], coefficient: UnitCoefficient, stack: Tensor
-) -> tuple[Tensor, ...]:
+    grads: list[Tensor], weights: list[Tensor], coefficient: UnitCoefficient, stack: Tensor, parts: UnitParts
+) -> None:
     """Units of same-shaped tensors on their stack ``stack`` (shaped ``[len(grads), *shape]``): the
-    weights' unit norms, then the grads', then the scaled grads copied back; returns :func:`unit_sums`."""
+    weights' unit norms, then the grads', then the scaled grads copied back; appended to ``parts``."""
     ndim = unit_ndim(grads[0])
     weight_norms = unit_norms(torch.stack(weights, out=stack), ndim)
     grad_norms = unit_norms(torch.stack(grads, out=stack), ndim)
     coef = coefficient(grad_norms, weight_norms)
     torch.unbind_copy(stack.mul_(coef), 0, out=grads)
-    return unit_sums(grad_norms, coef)
+    parts.append((grad_norms.reshape(-1), coef.reshape(-1)))
 
 
 def scale_units_(
@@ -382,29 +384,27 @@ def scale_units_(
 
     ``grads`` and ``weights`` pair up and share one device and dtype. Tensors of at most ``STACK_NUMEL /
     4`` elements (and 1/(4 · MEMORY_SHARE) of all) are clipped on stacks of one shape, a few ops per stack
-    instead of a few per tensor.
+    instead of a few per tensor. The units' norms and factors (one number per unit) are summed together at
+    the end.
     """
     stack_numel = max(min(STACK_NUMEL, sum(map(Tensor.numel, grads)) // MEMORY_SHARE), 1)
     stackable: dict[torch.Size, list[int]] = defaultdict(list)
-    parts, units = [], 0
+    parts: UnitParts = []
     for i, grad in enumerate(grads):
         if 0 < grad.numel() * 4 <= stack_numel:
             stackable[grad.shape].append(i)
         else:
-            parts.append(_scale_units_one_(grad, weights[i], coefficient))
-            units += grad.shape[0] if grad.ndim >= 2 else 1
+            _scale_units_one_(grad, weights[i], coefficient, parts)
     buffer = grads[0].new_empty(stack_numel) if stackable else None
     for shape, indices in stackable.items():
         per_stack = stack_numel // shape.numel()
-        units += len(indices) * (shape[0] if len(shape) >= 2 else 1)
         for start in range(0, len(indices), per_stack):
             chunk = indices[start : start + per_stack]
             stack = buffer[: len(chunk) * shape.numel()].view(len(chunk), *shape)
-            parts.append(
-                _scale_units_stacked_(
-                    [grads[i] for i in chunk], [weights[i] for i in chunk], coefficient, stack
-                )
+            _scale_units_stacked_(
+                [grads[i] for i in chunk], [weights[i] for i in chunk], coefficient, stack, parts
             )
     if not parts:
-        return torch.zeros(3, dtype=accumulation_dtype(grads[0].dtype), device=grads[0].device), units
-    return torch.stack([torch.stack(values).sum() for values in zip(*parts, strict=True)]), units
+        return torch.zeros(3, dtype=accumulation_dtype(grads[0].dtype), device=grads[0].device), 0
+    norms, coefs = (torch.cat(values) for values in zip(*parts, strict=True))
+    return torch.stack(unit_sums(norms, coefs)), norms.numel()
