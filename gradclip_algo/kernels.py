@@ -363,16 +363,23 @@ def _scale_units_one_(grad: Tensor, weight: Tensor, coefficient: UnitCoefficient
 
 
 def _scale_units_stacked_(
-    grads: list[Tensor], weights: list[Tensor], coefficient: UnitCoefficient, stack: Tensor, parts: UnitParts
-) -> None:
+    grads: list[Tensor], weights: list[Tensor], coefficient: UnitCoefficient, stack: Tensor
+) -> Tensor:
     """Units of same-shaped tensors on their stack ``stack`` (shaped ``[len(grads), *shape]``): the
-    weights' unit norms, then the grads', then the scaled grads copied back; appended to ``parts``."""
+    weights' unit norms, then the grads', then the scaled grads copied back; returns :func:`unit_sums`
+    stacked."""
     ndim = unit_ndim(grads[0])
     weight_norms = unit_norms(torch.stack(weights, out=stack), ndim)
     grad_norms = unit_norms(torch.stack(grads, out=stack), ndim)
     coef = coefficient(grad_norms, weight_norms)
     torch.unbind_copy(stack.mul_(coef), 0, out=grads)
-    parts.append((grad_norms.reshape(-1), coef.reshape(-1)))
+    return torch.stack(unit_sums(grad_norms, coef))
+
+
+def _summed(parts: UnitParts) -> Tensor:
+    """:func:`unit_sums` of the units of all ``parts`` together, stacked."""
+    norms, coefs = (torch.cat(values) for values in zip(*parts, strict=True))
+    return torch.stack(unit_sums(norms, coefs))
 
 
 def scale_units_(
@@ -384,8 +391,8 @@ def scale_units_(
 
     ``grads`` and ``weights`` pair up and share one device and dtype. Tensors of at most ``STACK_NUMEL /
     4`` elements (and 1/(4 · MEMORY_SHARE) of all) are clipped on stacks of one shape, a few ops per stack
-    instead of a few per tensor. The units' norms and factors (one number per unit) are summed together at
-    the end.
+    instead of a few per tensor. The statistics are summed per stack, and once for the units of all
+    other tensors together (their norms and factors, one number per unit, gathered first).
     """
     stack_numel = max(min(STACK_NUMEL, sum(map(Tensor.numel, grads)) // MEMORY_SHARE), 1)
     stackable: dict[torch.Size, list[int]] = defaultdict(list)
@@ -395,16 +402,20 @@ def scale_units_(
             stackable[grad.shape].append(i)
         else:
             _scale_units_one_(grad, weights[i], coefficient, parts)
+    units = sum(norms.numel() for norms, _ in parts)
+    sums = [_summed(parts)] if parts else []
     buffer = grads[0].new_empty(stack_numel) if stackable else None
     for shape, indices in stackable.items():
         per_stack = stack_numel // shape.numel()
+        units += len(indices) * (shape[0] if len(shape) >= 2 else 1)
         for start in range(0, len(indices), per_stack):
             chunk = indices[start : start + per_stack]
             stack = buffer[: len(chunk) * shape.numel()].view(len(chunk), *shape)
-            _scale_units_stacked_(
-                [grads[i] for i in chunk], [weights[i] for i in chunk], coefficient, stack, parts
+            sums.append(
+                _scale_units_stacked_(
+                    [grads[i] for i in chunk], [weights[i] for i in chunk], coefficient, stack
+                )
             )
-    if not parts:
-        return torch.zeros(3, dtype=accumulation_dtype(grads[0].dtype), device=grads[0].device), 0
-    norms, coefs = (torch.cat(values) for values in zip(*parts, strict=True))
-    return torch.stack(unit_sums(norms, coefs)), norms.numel()
+    if not sums:
+        return torch.zeros(3, dtype=accumulation_dtype(grads[0].dtype), device=grads[0].device), units
+    return torch.stack(sums).sum(0), units
