@@ -221,14 +221,14 @@ class Switch(Algorithm):
         """Run the active algorithms with ``state.algorithms`` as a Trainer of theirs alone would hold it
         (GradClipAlgo folds only where no other algorithm of its event could touch the grads)."""
         algorithms = self._algorithms(event)
-        trainers = list(state.algorithms)
+        held = list(state.algorithms)
         state.algorithms = algorithms
         try:
             for algorithm in algorithms:
                 if algorithm.match(event, state):
                     algorithm.apply(event, state, logger)
         finally:
-            state.algorithms = trainers
+            state.algorithms = held
 
 
 def _trainer(case: TrainerCase, switch: Switch, timer: StepTimer) -> Trainer:
