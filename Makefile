@@ -10,6 +10,9 @@ CORE_TORCH ?= torch==2.13.0
 LLMFOUNDRY_VENV := .venv-llmfoundry
 LLMFOUNDRY ?= llm-foundry==0.22.0
 
+# The test runner outside .venv (pytest 9.2 ignores the node ids pytest-xdist 3.8 rewrites for loadgroup).
+PYTEST := "pytest>=8,<9.2" "pytest-xdist>=3.5"
+
 # The documentation site (mkdocs-material; the API pages are read from the source, so no torch is needed).
 DOCS_VENV := .venv-docs
 
@@ -23,14 +26,14 @@ $(VENV)/.installed: pyproject.toml
 
 $(CORE_VENV)/.installed: pyproject.toml
 	test -x $(CORE_VENV)/bin/python || $(PYTHON) -m venv $(CORE_VENV)
-	$(CORE_VENV)/bin/pip install -q "$(CORE_TORCH)" "omegaconf>=2.3" "pytest>=8" "pytest-xdist>=3.5" "hypothesis>=6.100"
+	$(CORE_VENV)/bin/pip install -q "$(CORE_TORCH)" "omegaconf>=2.3" $(PYTEST) "hypothesis>=6.100"
 	$(CORE_VENV)/bin/pip install -q --no-deps -e .
 	touch $@
 
 $(LLMFOUNDRY_VENV)/.installed: pyproject.toml
 	test -x $(LLMFOUNDRY_VENV)/bin/python || $(PYTHON) -m venv $(LLMFOUNDRY_VENV)
 	# protobuf<6 (what wandb<0.19 needs): without it pip backtracks through dozens of wandb releases
-	$(LLMFOUNDRY_VENV)/bin/pip install -q "$(LLMFOUNDRY)" "protobuf>=4.25.1,<6" "pytest>=8" "pytest-xdist>=3.5"
+	$(LLMFOUNDRY_VENV)/bin/pip install -q "$(LLMFOUNDRY)" "protobuf>=4.25.1,<6" $(PYTEST)
 	$(LLMFOUNDRY_VENV)/bin/pip install -q --no-deps -e .
 	touch $@
 
