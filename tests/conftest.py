@@ -9,9 +9,11 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 # The xdist workers share the cores. OpenMP threads that spin while they wait for work would burn the other
-# worker's time (4x the fuzz's CPU time on 2 cores), so they sleep. Set before torch loads OpenMP; the
-# processes the tests start inherit it.
+# worker's time (4x the fuzz's CPU time on 2 cores), so they sleep; and Inductor compiles in the worker
+# instead of starting a pool of compile processes that each import torch again. Set before torch loads;
+# the processes the tests start inherit them.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 import pytest
 import torch
