@@ -22,15 +22,20 @@ from torch import Tensor, nn
 from gradclip_algo import kernels
 
 # ---------------------------------------------------------------------------------------------------------
-# The sizes where the implementation changes code path (kernels.SIZE_LIMITS: the CPU dot/aminmax/clamp
-# threshold, the pack buffer, the AGC stack and row-block sizes, and the total numel at which the pack buffer
-# (1/MEMORY_SHARE of the total) reaches the dot threshold); AGC stacks tensors of numel * 4 <= its buffer.
+# The sizes where the implementation changes code path (kernels.SIZE_LIMITS: rows and packs, the one-thread
+# and compile thresholds, the AGC stack, the norm's row blocks, the CPU reuse limit); AGC stacks tensors of
+# numel * 4 <= its buffer.
 BOUNDARY_SIZES: tuple[int, ...] = tuple(sorted({*kernels.SIZE_LIMITS, kernels.STACK_NUMEL // 4}))
 BOUNDARY_OFFSETS = (-3, -2, -1, 0, 1, 2, 3)  # every boundary size is drawn this many elements either side
 FP32_SUM_SAFE_EXP = 9
 """Grads that are not float64 are drawn at most 10^9 · N(0, 1): then no float32 sum of |g|^p (p <= 3) over
 the sizes drawn here overflows. Beyond that the library, like torch, sums in float32 and its norm is inf;
 that regime is pinned in tests/test_fuzz.py (test_pinned_float32_overflow_is_torchs)."""
+FP32_SQUARE_SAFE_EXP = -18
+"""The stateful types' fuzz draws grads that are not float64 at least 10^-18 · N(0, 1): their squares' sum
+stays above float32's smallest normal, so a norm keeps float32's precision. Below it the power sum loses
+digits, as torch's norm does (tests/fuzz_checks.py: ``underflow_atol``); the stateless types' coefficient
+is then 1, but the stateful types' thresholds are such norms, and their factors carry that loss."""
 LARGE_NUMEL = 1 << 19  # boundary sizes from here on are drawn for at most one tensor in ~10 % of models
 # ---------------------------------------------------------------------------------------------------------
 

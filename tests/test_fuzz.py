@@ -40,6 +40,7 @@ from fuzz_checks import (
     underflow_atol,
 )
 from fuzz_strategies import (
+    FP32_SQUARE_SAFE_EXP,
     FP32_SUM_SAFE_EXP,
     FoldCase,
     StatefulCase,
@@ -318,12 +319,13 @@ def test_stateful_types_match_float64_reference_loop(case: StatefulCase) -> None
     and stats against the reference loop (up to the first decision within rounding of its threshold)."""
 
     # fp16 grads stay finite here (the non-finite modes have their own test), and no float32 sum
-    # overflows over the steps: scale exponents capped
+    # overflows or underflows over the steps: scale exponents capped
     def capped(spec: TensorSpec) -> int:
         if spec.dtype == torch.float16:
             return min(spec.scale_exp, -3)
         if spec.dtype != torch.float64:
-            return min(spec.scale_exp, FP32_SUM_SAFE_EXP - max(case.step_exps))
+            lowest = FP32_SQUARE_SAFE_EXP - min(case.step_exps)
+            return max(min(spec.scale_exp, FP32_SUM_SAFE_EXP - max(case.step_exps)), lowest)
         return spec.scale_exp
 
     model = replace(case.model, tensors=tuple(replace(t, scale_exp=capped(t)) for t in case.model.tensors))
