@@ -60,15 +60,17 @@ def grad_tolerances(dtype: torch.dtype) -> tuple[float, float]:
 # =========================================================================================================
 
 
-def mismatch(actual: Tensor, expected64: Tensor, rtol: float, what: str) -> str | None:
-    """Why ``actual`` is not ``expected64`` rounded to ``actual``'s dtype within ``rtol`` + one ulp; None if
-    it is (NaN matches NaN, inf matches the same inf)."""
+def mismatch(
+    actual: Tensor, expected64: Tensor, rtol: float, what: str, slack: Tensor | float = 0.0
+) -> str | None:
+    """Why ``actual`` is not ``expected64`` rounded to ``actual``'s dtype within ``rtol`` + one ulp (and the
+    absolute ``slack``, per element or for all); None if it is (NaN matches NaN, inf matches the same inf)."""
     if actual.shape != expected64.shape:
         return f"{what}: shape {tuple(actual.shape)}, expected {tuple(expected64.shape)}"
     ulp, atol = grad_tolerances(actual.dtype)
     want = expected64.to(actual.dtype).to(torch.float64)
     got = actual.detach().to(torch.float64)
-    bound = atol + (rtol + ulp) * want.abs()
+    bound = atol + slack + (rtol + ulp) * want.abs()
     ok = ((got - want).abs() <= bound) | (got == want) | (got.isnan() & want.isnan())
     if bool(ok.all()):
         return None
