@@ -333,12 +333,14 @@ def unit_norms(tensor: Tensor, ndim: int | None = None) -> Tensor:
     return torch.linalg.vector_norm(tensor, dim=dims, keepdim=True, dtype=accumulate)
 
 
-def unit_sums(grad_norms: Tensor, coef: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(Σ‖G_u‖², Σ(c_u‖G_u‖)², #{c_u < 1})`` over units, in the norms' dtype."""
-    return (
-        grad_norms.square().sum(),
-        (grad_norms * coef).square().sum(),
-        (coef < 1.0).sum().to(grad_norms.dtype),
+def unit_sums(grad_norms: Tensor, coef: Tensor) -> Tensor:
+    """``[Σ‖G_u‖², Σ(c_u‖G_u‖)², #{c_u < 1}]`` over units (1-D), in the norms' dtype."""
+    return torch.stack(
+        [
+            grad_norms.square().sum(),
+            (grad_norms * coef).square().sum(),
+            (coef < 1.0).sum().to(grad_norms.dtype),
+        ]
     )
 
 
@@ -364,22 +366,22 @@ def _scale_units_one_(grad: Tensor, weight: Tensor, coefficient: UnitCoefficient
 
 def _scale_units_stacked_(
     grads: list[Tensor], weights: list[Tensor], coefficient: UnitCoefficient, stack: Tensor
-) -> Tensor:
+) -> tuple[Tensor, int]:
     """Units of same-shaped tensors on their stack ``stack`` (shaped ``[len(grads), *shape]``): the
-    weights' unit norms, then the grads', then the scaled grads copied back; returns :func:`unit_sums`
-    stacked."""
+    weights' unit norms, then the grads', then the scaled grads copied back; returns their
+    :func:`unit_sums` and how many units they are."""
     ndim = unit_ndim(grads[0])
     weight_norms = unit_norms(torch.stack(weights, out=stack), ndim)
     grad_norms = unit_norms(torch.stack(grads, out=stack), ndim)
     coef = coefficient(grad_norms, weight_norms)
     torch.unbind_copy(stack.mul_(coef), 0, out=grads)
-    return torch.stack(unit_sums(grad_norms, coef))
+    return unit_sums(grad_norms, coef), grad_norms.numel()
 
 
 def _summed(parts: UnitParts) -> Tensor:
-    """:func:`unit_sums` of the units of all ``parts`` together, stacked."""
+    """:func:`unit_sums` of the units of all ``parts`` together."""
     norms, coefs = (torch.cat(values) for values in zip(*parts, strict=True))
-    return torch.stack(unit_sums(norms, coefs))
+    return unit_sums(norms, coefs)
 
 
 def scale_units_(
@@ -407,15 +409,14 @@ def scale_units_(
     buffer = grads[0].new_empty(stack_numel) if stackable else None
     for shape, indices in stackable.items():
         per_stack = stack_numel // shape.numel()
-        units += len(indices) * (shape[0] if len(shape) >= 2 else 1)
         for start in range(0, len(indices), per_stack):
             chunk = indices[start : start + per_stack]
             stack = buffer[: len(chunk) * shape.numel()].view(len(chunk), *shape)
-            sums.append(
-                _scale_units_stacked_(
-                    [grads[i] for i in chunk], [weights[i] for i in chunk], coefficient, stack
-                )
+            stack_sums, stack_units = _scale_units_stacked_(
+                [grads[i] for i in chunk], [weights[i] for i in chunk], coefficient, stack
             )
+            sums.append(stack_sums)
+            units += stack_units
     if not sums:
         return torch.zeros(3, dtype=accumulation_dtype(grads[0].dtype), device=grads[0].device), units
     return torch.stack(sums).sum(0), units

@@ -100,6 +100,7 @@ def _clip_spread_units_(
         grad_norms, weight_norms = norms[2 * k], norms[2 * k + 1]
         coef = coefficient(grad_norms, weight_norms)
         shards.grads[i].mul_(coef.to(shards.grads[i].device, shards.grads[i].dtype))
-        unit_sums = torch.stack(kernels.unit_sums(grad_norms, coef))
-        results.append(_with_units(unit_sums, grad_norms.numel(), shards.device, dtype))
+        results.append(
+            _with_units(kernels.unit_sums(grad_norms, coef), grad_norms.numel(), shards.device, dtype)
+        )
     return results
