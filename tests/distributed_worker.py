@@ -32,6 +32,7 @@ import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
+from unittest import mock
 
 import distributed_cases_layouts
 import distributed_cases_nonfinite
@@ -109,15 +110,8 @@ def start_forkserver(preload: list[str]) -> None:
     server is fresh and single-threaded, so forking it is safe. Python 3.11's server ignores the caller's
     ``sys.path``, so it gets it as ``PYTHONPATH`` while it starts. Once it runs, this does nothing."""
     multiprocessing.set_forkserver_preload(preload)
-    saved = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(sys.path)
-    try:
+    with mock.patch.dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)):
         multiprocessing.forkserver.ensure_running()
-    finally:
-        if saved is None:
-            del os.environ["PYTHONPATH"]
-        else:
-            os.environ["PYTHONPATH"] = saved
 
 
 class Spawn:
