@@ -13,15 +13,16 @@ Each primitive takes tensors of one device and one dtype (callers group them; se
 Sums are accumulated in float32, or float64 for float64 tensors (as torch's norms are).
 
 'value' with its statistics and the L2 norm (of groups of at least :data:`NORM_ROWS_MIN_NUMEL` elements)
-work on 2-D blocks of rows of :data:`ROW_NUMEL` elements (:func:`_row_blocks`): the rows of each
-contiguous tensor of at least 2 rows, then its last partial row, the smaller tensors and the strided ones,
-copied into a buffer of rows a pack at a time, zero-padded (a zero is neither counted nor adds to a sum),
-and copied back. 'value' runs one plain torch function over a block (:func:`_clamp_rows_`), each row
-measured, then clamped: compiled (:mod:`gradclip_algo.compiled`; groups of at least
-:data:`COMPILE_MIN_NUMEL` elements), one loop over rows that reads a row
-from memory once, the write finding it in cache; eager, the same as torch ops a block of
-:data:`BLOCK_NUMEL` elements at a time (:func:`_clamp_rows_eagerly_`). The norm takes torch's norm of each
-row of a block; smaller groups, torch's foreach norm.
+work on 2-D blocks of rows of :data:`ROW_NUMEL` elements (:func:`_split_rows`): the rows of each
+contiguous tensor of at least 2 rows; the rest (its last partial row, the smaller tensors and the strided
+ones) is measured on copies, packed into a buffer of rows a pack at a time and zero-padded (a zero is
+neither counted nor adds to a sum). 'value' runs one plain torch function over a block
+(:func:`_clamp_rows_`), each row measured, then clamped: compiled (:mod:`gradclip_algo.compiled`; groups
+of at least :data:`COMPILE_MIN_NUMEL` elements), one loop over rows that reads a row from memory once, the
+write finding it in cache; eager, the same as torch ops a block of :data:`BLOCK_NUMEL` elements at a time
+(:func:`_clamp_rows_eagerly_`). The rest is then clamped in place by torch's foreach pair (copying a pack
+back would cost a copy per tensor, more than the clamp). The norm takes torch's norm of each row of a block;
+smaller groups, torch's foreach norm.
 
 AGC runs eagerly: per tensor its unit norms, factors and one multiply (on CPU, a large tensor a block of
 rows at a time, still in cache for the multiply), and small tensors of one shape on their stack, a few ops
@@ -34,6 +35,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterator
+from itertools import chain
 
 import torch
 from torch import Tensor
@@ -113,7 +115,7 @@ def total_power_sum(tensors: list[Tensor], norm_type: float) -> Tensor:
     """``Σ_i Σ|t_i|^p`` (``max_i max|t_i|`` for p = inf), 0-d in the accumulation dtype.
 
     ``tensors``: one device and dtype, at least one. For p = 2 and at least :data:`NORM_ROWS_MIN_NUMEL`
-    elements, the norms of the rows of their blocks (see :func:`_row_blocks`): a norm over each row of a
+    elements, the norms of the rows of their blocks (see :func:`_split_rows`): a norm over each row of a
     2-D block is faster than torch's norm of a whole tensor, and a pack of small tensors is one op; else
     torch's foreach norm.
     """
@@ -122,8 +124,10 @@ def total_power_sum(tensors: list[Tensor], norm_type: float) -> Tensor:
         sums = _foreach_power_sums(tensors, norm_type)
         return sums.max() if math.isinf(norm_type) else sums.sum()
     accumulate = accumulation_dtype(tensors[0].dtype)
+    rows, rest, capacity = _split_rows(tensors, total)
     norms = [
-        torch.linalg.vector_norm(rows, dim=1, dtype=accumulate) for rows in _row_blocks(tensors, total, False)
+        torch.linalg.vector_norm(block, dim=1, dtype=accumulate)
+        for block in chain(rows, _packed_rows(rest, capacity))
     ]
     return torch.cat(norms).square().sum()
 
@@ -248,43 +252,42 @@ def _packs(pieces: list[Tensor], limit: int) -> Iterator[tuple[list[Tensor], tup
             yield pack, (), size
 
 
-def _row_blocks(tensors: list[Tensor], total: int, write_back: bool) -> Iterator[Tensor]:
-    """Every element of ``tensors`` (``total`` of them) once, in 2-D blocks of rows of :data:`ROW_NUMEL`
-    elements: the rows of each contiguous tensor of at least 2 rows, then packs of the rest (their last
-    partial rows, smaller and strided tensors) copied into a buffer of rows (see :func:`_packed_rows`).
-
-    The buffer holds at most :data:`PACK_NUMEL` elements and 1/:data:`PACK_SHARE` of all (at least 2
-    rows)."""
+def _split_rows(tensors: list[Tensor], total: int) -> tuple[list[Tensor], list[Tensor], int]:
+    """``(rows, rest, capacity)``: every element of ``tensors`` (``total`` of them) once, as 2-D views of
+    rows of :data:`ROW_NUMEL` elements of each contiguous tensor of at least 2 rows, and the rest (their last
+    partial rows, smaller and strided tensors), cut into pieces of at most ``capacity`` elements: the size
+    of the buffer :func:`_packed_rows` copies them into, at most :data:`PACK_NUMEL` elements and
+    1/:data:`PACK_SHARE` of all (at least 2 rows)."""
     capacity = max(2 * ROW_NUMEL, min(PACK_NUMEL, total // PACK_SHARE) // ROW_NUMEL * ROW_NUMEL)
+    rows: list[Tensor] = []
     rest: list[Tensor] = []
     for tensor in tensors:
         numel = tensor.numel()
         if numel >= 2 * ROW_NUMEL and tensor.is_contiguous():
             flat = tensor.view(-1)
             whole = numel - numel % ROW_NUMEL
-            yield flat[:whole].view(-1, ROW_NUMEL)
+            rows.append(flat[:whole].view(-1, ROW_NUMEL))
             if whole < numel:
                 rest.append(flat[whole:])
         elif numel > capacity:
             rest.extend(_pieces(tensor, capacity))
         elif numel:
             rest.append(tensor)
-    if rest:
-        yield from _packed_rows(rest, capacity, write_back)
+    return rows, rest, capacity
 
 
-def _packed_rows(pieces: list[Tensor], capacity: int, write_back: bool) -> Iterator[Tensor]:
-    """``pieces`` (each of at most ``capacity`` elements) copied a pack at a time into one buffer of
-    ``capacity`` elements, zero-padded to whole rows (at least 2); with ``write_back``, a pack is copied
-    back into its pieces when the next is asked for."""
+def _packed_rows(pieces: list[Tensor], capacity: int) -> Iterator[Tensor]:
+    """Copies of ``pieces`` (each of at most ``capacity`` elements), a pack at a time, in one buffer of
+    ``capacity`` elements, zero-padded to whole rows (at least 2): each yielded block is overwritten by the
+    next."""
+    if not pieces:
+        return
     buffer = pieces[0].new_empty(capacity)
     for pack, trailing, numel in _packs(pieces, capacity):
-        block = torch.cat(pack, out=buffer[:numel].view(-1, *trailing))
+        torch.cat(pack, out=buffer[:numel].view(-1, *trailing))
         padded = max(2 * ROW_NUMEL, -(-numel // ROW_NUMEL) * ROW_NUMEL)
         buffer[numel:padded].zero_()
         yield buffer[:padded].view(-1, ROW_NUMEL)
-        if write_back:
-            torch._foreach_copy_(pack, block.split([piece.shape[0] for piece in pack]))
 
 
 def clamp_with_stats_(tensors: list[Tensor], limit: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -293,17 +296,22 @@ def clamp_with_stats_(tensors: list[Tensor], limit: float) -> tuple[Tensor, Tens
     count int64 (a NaN element is not counted, and stays NaN). ``limit`` is taken in the tensors' dtype,
     as torch's clamp does.
 
-    ``tensors``: one device and dtype, at least one. Rows of each tensor, and packs of the rest in a
-    buffer of rows (see the module's docstring), go through :func:`_clamp_rows_`.
+    ``tensors``: one device and dtype, at least one. Rows of each tensor, and packed copies of the rest
+    (see the module's docstring), go through :func:`_clamp_rows_`; the rest is then clamped by
+    torch's foreach pair.
     """
     first = tensors[0]
     bound = torch.full((), limit, dtype=first.dtype, device=first.device)
     total = sum(map(Tensor.numel, tensors))
     compile_ = total >= COMPILE_MIN_NUMEL
+    rows, rest, capacity = _split_rows(tensors, total)
     parts = [
-        _run(_clamp_rows_, _clamp_rows_eagerly_, compile_, rows, bound)
-        for rows in _row_blocks(tensors, total, True)
+        _run(_clamp_rows_, _clamp_rows_eagerly_, compile_, block, bound)
+        for block in chain(rows, _packed_rows(rest, capacity))  # a packed block is a copy: only measured
     ]
+    if rest:  # in place, after its packs were measured
+        torch._foreach_clamp_min_(rest, -limit)
+        torch._foreach_clamp_max_(rest, limit)
     if not parts:
         zero = torch.zeros((), dtype=accumulation_dtype(first.dtype), device=first.device)
         return zero, zero.to(torch.int64), zero
