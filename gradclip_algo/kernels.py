@@ -20,9 +20,8 @@ neither counted nor adds to a sum). 'value' runs one plain torch function over a
 (:func:`_clamp_rows_`), each row measured, then clamped: compiled (:mod:`gradclip_algo.compiled`; groups
 of at least :data:`COMPILE_MIN_NUMEL` elements), one loop over rows that reads a row from memory once, the
 write finding it in cache; eager, the same as torch ops a block of :data:`BLOCK_NUMEL` elements at a time
-(:func:`_clamp_rows_eagerly_`). The rest is then clamped in place by torch's foreach pair (copying a pack
-back would cost a copy per tensor, more than the clamp). The norm takes torch's norm of each row of a block;
-smaller groups, torch's foreach norm.
+(:func:`_clamp_rows_eagerly_`). The rest is then clamped in place by torch's foreach pair. The norm takes
+torch's norm of each row of a block; smaller groups, torch's foreach norm.
 
 AGC runs eagerly: per tensor its unit norms, factors and one multiply (on CPU, a large tensor a block of
 rows at a time, still in cache for the multiply), and small tensors of one shape on their stack, a few ops
