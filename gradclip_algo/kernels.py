@@ -20,8 +20,8 @@ neither counted nor adds to a sum). 'value' runs one plain torch function over a
 (:func:`_clamp_rows_`), each row measured, then clamped: compiled (:mod:`gradclip_algo.compiled`; groups
 of at least :data:`COMPILE_MIN_NUMEL` elements), one loop over rows that reads a row from memory once, the
 write finding it in cache; eager, the same as torch ops a block of :data:`BLOCK_NUMEL` elements at a time
-(:func:`_clamp_rows_eagerly_`). The rest is then clamped in place by torch's foreach pair. The norm takes
-torch's norm of each row of a block; smaller groups, torch's foreach norm.
+(:func:`_clamp_rows_eagerly_`). The rest is then clamped in place by :func:`clamp_`. The norm takes torch's
+norm of each row of a block; smaller groups, torch's foreach norm.
 
 AGC runs eagerly: per tensor its unit norms, factors and one multiply (on CPU, a large tensor a block of
 rows at a time, still in cache for the multiply), and small tensors of one shape on their stack, a few ops
@@ -297,7 +297,7 @@ def clamp_with_stats_(tensors: list[Tensor], limit: float) -> tuple[Tensor, Tens
 
     ``tensors``: one device and dtype, at least one. Rows of each tensor, and packed copies of the rest
     (see the module's docstring), go through :func:`_clamp_rows_`; the rest is then clamped by
-    torch's foreach pair.
+    :func:`clamp_`.
     """
     first = tensors[0]
     bound = torch.full((), limit, dtype=first.dtype, device=first.device)
@@ -308,9 +308,7 @@ def clamp_with_stats_(tensors: list[Tensor], limit: float) -> tuple[Tensor, Tens
         _run(_clamp_rows_, _clamp_rows_eagerly_, compile_, block, bound)
         for block in chain(rows, _packed_rows(rest, capacity))  # a packed block is a copy: only measured
     ]
-    if rest:  # in place, after its packs were measured
-        torch._foreach_clamp_min_(rest, -limit)
-        torch._foreach_clamp_max_(rest, limit)
+    clamp_(rest, limit)  # in place, after its packs were measured
     if not parts:
         zero = torch.zeros((), dtype=accumulation_dtype(first.dtype), device=first.device)
         return zero, zero.to(torch.int64), zero
